@@ -218,6 +218,8 @@ class SimulatedKubelet:
                     preexec_fn=_die_with_kubelet,
                 )
                 logfile.close()
+                # tests read the real process environment through /proc/<pid>/environ
+                (runtime.folder / "container.pid").write_text(str(runtime.process.pid))
                 runtime.tasks.append(asyncio.create_task(self._watch_exit(pod, runtime)))
             else:
                 runtime.stand_in = await asyncio.start_server(

@@ -1,0 +1,268 @@
+"""Pure builders: the GPU share of a user server and what it adds to the pod.
+
+Nothing here talks to Kubernetes or the hub, so all of it is unit-tested
+without a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kubernetes_asyncio.client import (
+    V1ConfigMap,
+    V1ConfigMapVolumeSource,
+    V1EnvVar,
+    V1ObjectMeta,
+    V1Pod,
+    V1Volume,
+    V1VolumeMount,
+)
+
+# Labels NVIDIA GPU Feature Discovery puts on GPU nodes.
+REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+MEMORY_LABEL = "nvidia.com/gpu.memory"
+PRODUCT_LABEL = "nvidia.com/gpu.product"
+COUNT_LABEL = "nvidia.com/gpu.count"
+STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
+
+# nvidia.com/gpu, nvidia.com/gpu.shared (renamed shared GPUs) and MIG devices
+# such as nvidia.com/mig-1g.10gb (which can be time-sliced too).
+RESOURCE_NAME_PATTERN = re.compile(r"^nvidia\.com/(gpu|mig-\d+g\.\d+gb)(\.shared)?$")
+
+# Variables that carry the share; anything the admin sets in `environment` wins.
+FRACTION_ENV = "GPUSHARE_MEMORY_FRACTION"
+
+
+class GPUShareConfigError(ValueError):
+    """A configuration problem, worded for the admin who has to fix it."""
+
+
+def check_resource_name(name: str) -> str:
+    if not RESOURCE_NAME_PATTERN.match(name):
+        raise GPUShareConfigError(
+            f"gpu_resource_name {name!r} is not a resource the NVIDIA device plugin "
+            "advertises: use 'nvidia.com/gpu', 'nvidia.com/gpu.shared' (shared GPUs "
+            "renamed by the device plugin) or a MIG resource such as 'nvidia.com/mig-1g.10gb'"
+        )
+    return name
+
+
+def check_slices(slices: object) -> int:
+    if isinstance(slices, bool) or not isinstance(slices, int):
+        raise GPUShareConfigError(
+            f"gpu_slices must be a whole number of slices (0 for no GPU), not {slices!r}"
+        )
+    if slices < 0:
+        raise GPUShareConfigError(f"gpu_slices must be 0 or more, not {slices}")
+    return slices
+
+
+def check_replicas(replicas: int) -> int:
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise GPUShareConfigError(
+            f"gpu_replicas must be a whole number of 1 or more (slices per physical GPU), "
+            f"not {replicas!r}"
+        )
+    return replicas
+
+
+def check_fraction(fraction: float, what: str = "memory_fraction") -> float:
+    if not 0 < fraction <= 1:
+        raise GPUShareConfigError(f"{what} must lie in (0, 1], not {fraction!r}")
+    return fraction
+
+
+def memory_fraction(
+    slices: int, replicas: int, gpu_memory_mib: int | None, headroom_mib: int
+) -> float:
+    """The share of GPU memory a server's allocators may use.
+
+    ``slices / replicas`` of the memory, less ``headroom_mib`` that each process
+    needs outside any allocator (the CUDA context, cuBLAS workspaces). Without
+    the GPU's size the headroom cannot be expressed as a fraction and is left out.
+    """
+    share = min(slices / replicas, 1.0)
+    if gpu_memory_mib:
+        share -= headroom_mib / gpu_memory_mib
+        if share <= 0:
+            raise GPUShareConfigError(
+                f"a share of {slices}/{replicas} of {gpu_memory_mib} MiB leaves nothing after "
+                f"the {headroom_mib} MiB headroom per process: lower memory_headroom_mib "
+                "or use fewer replicas"
+            )
+    return round(share, 4)
+
+
+def parse_alloc_conf(conf: str) -> dict[str, str]:
+    """``"a:1,b:2"`` (PyTorch's allocator option syntax) as a dict."""
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in conf.split(","))):
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip():
+            raise GPUShareConfigError(
+                f"pytorch_cuda_alloc_conf item {item!r} is not of the form key:value"
+            )
+        options[key.strip()] = value.strip()
+    return options
+
+
+def pytorch_alloc_conf(admin_conf: str, fraction: float, allocator_fraction: bool) -> str:
+    """The admin's PyTorch allocator options, plus the fraction where it is safe.
+
+    ``per_process_memory_fraction`` is only known to PyTorch 2.10 and newer; older
+    versions fail every CUDA call on an unknown key, so the key is added only when
+    the admin says the image's PyTorch knows it. Otherwise the guard applies the
+    fraction at CUDA initialisation.
+    """
+    options = parse_alloc_conf(admin_conf)
+    if options.get("backend") == "cudaMallocAsync":
+        raise GPUShareConfigError(
+            "pytorch_cuda_alloc_conf sets backend:cudaMallocAsync, which ignores the "
+            "per-process memory fraction: remove it so users keep to their share"
+        )
+    if allocator_fraction and "per_process_memory_fraction" not in options:
+        options["per_process_memory_fraction"] = f"{fraction:g}"
+    return ",".join(f"{key}:{value}" for key, value in options.items())
+
+
+@dataclass(frozen=True)
+class GPUShare:
+    """What one server gets: its slices, and the memory share that goes with them."""
+
+    resource_name: str
+    slices: int
+    replicas: int = 1
+    fraction: float = 1.0
+    gpu_memory_mib: int | None = None
+    alloc_conf: str = ""
+    startup_path: str | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.slices > 0
+
+    def environment(self) -> dict[str, str]:
+        """Variables for PyTorch, JAX, CuPy, TensorFlow and our guard."""
+        if not self.uses_gpu:
+            return {}
+        fraction = f"{self.fraction:g}"
+        env = {
+            FRACTION_ENV: fraction,
+            "GPUSHARE_GPU_SLICES": str(self.slices),
+            "GPUSHARE_GPU_REPLICAS": str(self.replicas),
+            # JAX preallocates 75% of the GPU unless told otherwise; both the old
+            # and the new name, since images carry either JAX generation.
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": fraction,
+            "XLA_CLIENT_MEM_FRACTION": fraction,
+            "CUPY_GPU_MEMORY_LIMIT": f"{self.fraction * 100:.2f}%",
+            # TensorFlow grabs nearly all memory at start without this; the guard
+            # adds the hard limit when TensorFlow is imported.
+            "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+        }
+        if self.gpu_memory_mib:
+            env["GPUSHARE_GPU_MEMORY_MIB"] = str(self.gpu_memory_mib)
+        if self.alloc_conf:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = self.alloc_conf
+        if self.startup_path:
+            env["PYTHONPATH"] = self.startup_path
+        env.update(self.extra_env)
+        return env
+
+
+def apply_gpu_share(
+    pod: V1Pod,
+    share: GPUShare,
+    admin_env: Iterable[str] = (),
+    guard_configmap: str | None = None,
+) -> V1Pod:
+    """Set the GPU limit, the environment and the guard volume on a pod manifest.
+
+    Extended resources take a limit only (Kubernetes requires request == limit
+    and fills in the request). Variables the admin set (``admin_env``) are kept.
+    """
+    container = pod.spec.containers[0]
+    limits = dict(container.resources.limits or {}) if container.resources else {}
+    requests = dict(container.resources.requests or {}) if container.resources else {}
+    requests.pop(share.resource_name, None)
+    if share.uses_gpu:
+        limits[share.resource_name] = str(share.slices)
+    else:
+        limits.pop(share.resource_name, None)
+    container.resources.limits = limits or None
+    container.resources.requests = requests or None
+
+    keep = set(admin_env)
+    env = [e for e in container.env or []]
+    present = {e.name for e in env}
+    for name, value in share.environment().items():
+        if name in keep:
+            continue
+        if name in present:
+            env = [e for e in env if e.name != name]
+        env.append(V1EnvVar(name=name, value=value))
+    container.env = env
+
+    if share.uses_gpu and guard_configmap and share.startup_path:
+        volume_name = "gpushare-startup"
+        pod.spec.volumes = [v for v in pod.spec.volumes or [] if v.name != volume_name] + [
+            V1Volume(
+                name=volume_name,
+                config_map=V1ConfigMapVolumeSource(name=guard_configmap),
+            )
+        ]
+        container.volume_mounts = [
+            m for m in container.volume_mounts or [] if m.name != volume_name
+        ] + [V1VolumeMount(name=volume_name, mount_path=share.startup_path, read_only=True)]
+    return pod
+
+
+def guard_configmap(
+    name: str, namespace: str, files: Mapping[str, str], version: str
+) -> V1ConfigMap:
+    """The ConfigMap that carries the memory guard into images that lack our package."""
+    return V1ConfigMap(
+        metadata=V1ObjectMeta(
+            name=name,
+            namespace=namespace,
+            labels={
+                "app.kubernetes.io/name": "jupyterhub-gpushare",
+                "app.kubernetes.io/component": "memory-guard",
+            },
+            annotations={"gpushare.jupyter.org/version": version},
+        ),
+        data=dict(files),
+    )
+
+
+def node_gpu_facts(nodes: Iterable[Mapping], resource_name: str) -> dict[str, int | None]:
+    """Replicas, memory and the largest slice count over the nodes a server may use.
+
+    ``nodes`` are Node objects as dicts. Where nodes differ, the most shared one
+    decides the replicas and the smallest GPU the memory: the share must fit
+    wherever the scheduler puts the pod.
+    """
+    replicas: list[int] = []
+    memory: list[int] = []
+    largest = 0
+    for node in nodes:
+        labels = node.get("metadata", {}).get("labels") or {}
+        allocatable = (node.get("status") or {}).get("allocatable") or {}
+        try:
+            slices = int(allocatable.get(resource_name, 0))
+        except ValueError:
+            slices = 0
+        if slices <= 0:
+            continue
+        largest = max(largest, slices)
+        if labels.get(REPLICAS_LABEL, "").isdigit():
+            replicas.append(int(labels[REPLICAS_LABEL]))
+        if labels.get(MEMORY_LABEL, "").isdigit():
+            memory.append(int(labels[MEMORY_LABEL]))
+    return {
+        "replicas": max(replicas) if replicas else None,
+        "gpu_memory_mib": min(memory) if memory else None,
+        "largest_node_slices": largest,
+    }

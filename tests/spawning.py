@@ -1,0 +1,78 @@
+"""Helpers for tests that spawn servers through a real hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kubernetes_asyncio import client
+
+from tests.conftest import wait_for
+from tests.localcluster.cluster import LocalCluster
+from tests.localcluster.hub import LocalHub
+
+
+async def ensure_user(hub: LocalHub, name: str) -> None:
+    async with hub.api_client() as api:
+        response = await api.get(f"/users/{name}")
+        if response.status_code == 404:
+            (await api.post(f"/users/{name}")).raise_for_status()
+
+
+async def request_server(hub: LocalHub, name: str, options: dict | None = None) -> int:
+    await ensure_user(hub, name)
+    async with hub.api_client() as api:
+        response = await api.post(f"/users/{name}/server", json=options or {})
+    return response.status_code
+
+
+async def wait_ready(hub: LocalHub, name: str, timeout: float = 120) -> dict:
+    async def ready():
+        async with hub.api_client() as api:
+            user = (await api.get(f"/users/{name}")).json()
+        server = user["servers"].get("")
+        return server if server and server["ready"] else None
+
+    return await wait_for(ready, timeout, f"{name}'s server to be ready", interval=0.3)
+
+
+async def progress_events(hub: LocalHub, name: str, timeout: float = 60) -> list[dict]:
+    """Every event of the user's progress stream, until it says ready or failed."""
+    events = []
+    async with hub.api_client() as api:
+        async with api.stream("GET", f"/users/{name}/server/progress", timeout=timeout) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    event = json.loads(line[5:])
+                    events.append(event)
+                    if event.get("ready") or event.get("failed"):
+                        break
+    return events
+
+
+async def stop_server(hub: LocalHub, core: client.CoreV1Api, namespace: str, name: str) -> None:
+    async with hub.api_client() as api:
+        await api.delete(f"/users/{name}/server")
+
+    async def gone():
+        pods = await core.list_namespaced_pod(
+            namespace, label_selector=f"hub.jupyter.org/username={name}"
+        )
+        return not pods.items
+
+    await wait_for(gone, 60, f"{name}'s pod to be deleted")
+
+
+async def user_pod(core: client.CoreV1Api, namespace: str, name: str):
+    pods = await core.list_namespaced_pod(
+        namespace, label_selector=f"hub.jupyter.org/username={name}"
+    )
+    assert len(pods.items) == 1, [p.metadata.name for p in pods.items]
+    return pods.items[0]
+
+
+def process_environment(cluster: LocalCluster, pod) -> dict[str, str]:
+    """The environment of the pod's running process, read from the kernel."""
+    pid = (cluster.run_dir / "pods" / pod.metadata.uid / "container.pid").read_text()
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
