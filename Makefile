@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CHP := $(CACHE)/node/node_modules/.bin/configurable-http-proxy
 
-.PHONY: deps test lint demo bench clean-cache
+.PHONY: deps test lint docs demo bench clean-cache
 
 deps: $(STAMP) $(CHP) control-plane
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) is missing: install Python >= 3.10"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
 	touch $@
 
 $(CHP):
@@ -34,8 +34,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: deps lint
+test: deps lint docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 demo: deps
 	$(BIN)/python -m tests.localcluster.demo
