@@ -1,8 +1,9 @@
 """Share NVIDIA GPUs between JupyterHub users on Kubernetes."""
 
 from ._version import __version__
+from .config import configure
 
-__all__ = ["GPUShareSpawner", "__version__"]
+__all__ = ["GPUShareSpawner", "__version__", "configure"]
 
 
 def __getattr__(name: str):

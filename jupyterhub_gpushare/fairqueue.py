@@ -82,11 +82,29 @@ class FairQueue:
         self.tickets: dict[str, Ticket] = {}
         self.reservation_seconds = reservation_seconds
         self.releases: dict[str, ReleaseClock] = {}
+        # sorted lines per pool, rebuilt after any change (positions are read
+        # far more often than the queue changes)
+        self._lines: dict[str, list[Ticket]] | None = None
+        self._places: dict[str, int] = {}
+
+    def _invalidate(self) -> None:
+        self._lines = None
+
+    def _build_lines(self) -> dict[str, list[Ticket]]:
+        if self._lines is None:
+            lines: dict[str, list[Ticket]] = {}
+            for ticket in sorted(self.tickets.values(), key=lambda t: t.order):
+                if ticket.state == WAITING:
+                    lines.setdefault(ticket.pool.key, []).append(ticket)
+            self._lines = lines
+            self._places = {t.id: i for line in lines.values() for i, t in enumerate(line)}
+        return self._lines
 
     # -- membership ---------------------------------------------------------
     def join(self, ticket: Ticket) -> Ticket:
         """Add a spawn, or take back one that re-joins (after a restart of the
         service or a lost connection) without losing its place."""
+        self._invalidate()
         current = self.tickets.get(ticket.id)
         if current is not None:
             current.requested_at = min(current.requested_at, ticket.requested_at)
@@ -95,17 +113,14 @@ class FairQueue:
         return ticket
 
     def leave(self, ticket_id: str) -> Ticket | None:
+        self._invalidate()
         return self.tickets.pop(ticket_id, None)
 
     def waiting(self, pool_key: str | None = None) -> list[Ticket]:
-        return sorted(
-            (
-                t
-                for t in self.tickets.values()
-                if t.state == WAITING and (pool_key is None or t.pool.key == pool_key)
-            ),
-            key=lambda t: t.order,
-        )
+        lines = self._build_lines()
+        if pool_key is not None:
+            return list(lines.get(pool_key, ()))
+        return sorted((t for line in lines.values() for t in line), key=lambda t: t.order)
 
     def admitted(self) -> list[Ticket]:
         return [t for t in self.tickets.values() if t.state == ADMITTED]
@@ -113,10 +128,10 @@ class FairQueue:
     def position(self, ticket_id: str) -> tuple[int, int]:
         """1-based place in its pool's line and how many wait there (0, n if admitted)."""
         ticket = self.tickets[ticket_id]
-        line = self.waiting(ticket.pool.key)
+        line = self._build_lines().get(ticket.pool.key, ())
         if ticket.state != WAITING:
             return 0, len(line)
-        return line.index(ticket) + 1, len(line)
+        return self._places[ticket_id] + 1, len(line)
 
     def pools(self) -> dict[str, PoolSpec]:
         return {t.pool.key: t.pool for t in self.tickets.values()}
@@ -133,37 +148,67 @@ class FairQueue:
         ]
         for ticket in done:
             del self.tickets[ticket.id]
+        if done:
+            self._invalidate()
         return done
 
-    def reserved(self) -> dict[str, int]:
-        reserved: dict[str, int] = {}
+    def reserved(self) -> dict[tuple[str, str], int]:
+        """Slices booked by admitted spawns, per (resource, node)."""
+        reserved: dict[tuple[str, str], int] = {}
         for ticket in self.admitted():
             if ticket.node:
-                reserved[ticket.node] = reserved.get(ticket.node, 0) + ticket.slices
+                key = (ticket.pool.resource, ticket.node)
+                reserved[key] = reserved.get(key, 0) + ticket.slices
         return reserved
 
-    def admit(self, capacities: Mapping[str, NodeCapacity], now: float) -> list[Ticket]:
-        """Admit the heads of the lines for which a node has room, in order."""
-        free = {name: node.free for name, node in capacities.items()}
-        for name, slices in self.reserved().items():
-            if name in free:
-                free[name] -= slices
+    def admit(
+        self, capacities: Mapping[str, Mapping[str, NodeCapacity]], now: float
+    ) -> list[Ticket]:
+        """Admit the heads of the lines for which a node has room, in order.
+
+        ``capacities`` maps each GPU resource name to its nodes' capacity.
+        """
+        free = {
+            (resource, name): node.free
+            for resource, nodes in capacities.items()
+            for name, node in nodes.items()
+        }
+        for key, slices in self.reserved().items():
+            if key in free:
+                free[key] -= slices
         admitted = []
-        for key in sorted({t.pool.key for t in self.waiting()}):
-            for ticket in self.waiting(key):
+        for pool_key in sorted({t.pool.key for t in self.waiting()}):
+            for ticket in self.waiting(pool_key):
+                resource = ticket.pool.resource
                 candidates = [
                     name
-                    for name, node in capacities.items()
-                    if ticket.pool.matches(node.labels) and free.get(name, 0) >= ticket.slices
+                    for name, node in capacities.get(resource, {}).items()
+                    if ticket.pool.matches(node.labels)
+                    and free.get((resource, name), 0) >= ticket.slices
                 ]
                 if not candidates:
                     break  # strict order: nobody behind may overtake the head
                 # best fit packs slices onto busy GPUs and keeps whole ones free
-                node = min(candidates, key=lambda n: (free[n], n))
-                free[node] -= ticket.slices
+                node = min(candidates, key=lambda n: (free[(resource, n)], n))
+                free[(resource, node)] -= ticket.slices
                 ticket.state, ticket.admitted_at, ticket.node = ADMITTED, now, node
                 admitted.append(ticket)
+        if admitted:
+            self._invalidate()
         return admitted
+
+    def restore_admission(
+        self, ticket_id: str, capacities: Mapping[str, Mapping[str, NodeCapacity]], now: float
+    ) -> None:
+        """Book slices again for a spawn that was admitted before a restart."""
+        ticket = self.tickets[ticket_id]
+        if ticket.state == ADMITTED:
+            return
+        nodes = capacities.get(ticket.pool.resource, {})
+        matching = [n for n in nodes.values() if ticket.pool.matches(n.labels)]
+        ticket.node = max(matching, key=lambda n: n.free).name if matching else None
+        ticket.state, ticket.admitted_at = ADMITTED, now
+        self._invalidate()
 
     # -- estimates ------------------------------------------------------------
     def record_release(self, pool_keys: Iterable[str], when: float, slices: int) -> None:
@@ -177,7 +222,8 @@ class FairQueue:
         rate = clock.seconds_per_slice() if clock else None
         if not position or rate is None:
             return None
-        ahead = sum(t.slices for t in self.waiting(ticket.pool.key)[: position - 1])
+        line = self._build_lines().get(ticket.pool.key, [])
+        ahead = sum(t.slices for t in line[: position - 1])
         return rate * (ahead + ticket.slices)
 
     # -- persistence ----------------------------------------------------------
@@ -188,3 +234,4 @@ class FairQueue:
         for item in state:
             ticket = Ticket.from_dict(item)
             self.tickets[ticket.id] = ticket
+        self._invalidate()

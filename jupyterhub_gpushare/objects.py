@@ -177,12 +177,19 @@ def apply_gpu_share(
     share: GPUShare,
     admin_env: Iterable[str] = (),
     guard_configmap: str | None = None,
+    ticket: str | None = None,
 ) -> V1Pod:
     """Set the GPU limit, the environment and the guard volume on a pod manifest.
 
     Extended resources take a limit only (Kubernetes requires request == limit
     and fills in the request). Variables the admin set (``admin_env``) are kept.
     """
+    if ticket:
+        # lets the queue service match the pod to the spawn it admitted
+        pod.metadata.annotations = {
+            **(pod.metadata.annotations or {}),
+            "gpushare.jupyter.org/ticket": ticket,
+        }
     container = pod.spec.containers[0]
     limits = dict(container.resources.limits or {}) if container.resources else {}
     requests = dict(container.resources.requests or {}) if container.resources else {}

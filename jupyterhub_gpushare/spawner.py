@@ -8,14 +8,41 @@ that KubeSpawner builds. Everything z2jh's ``singleuser.*`` values set on
 
 from __future__ import annotations
 
-from kubernetes_asyncio.client import V1Pod
+import asyncio
+import copy
+import time
+import uuid
+
+from jupyterhub.utils import exponential_backoff, url_path_join
+from kubernetes_asyncio.client import V1DeleteOptions, V1Pod, V1Preconditions
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubespawner import KubeSpawner
+from tornado import web
 from traitlets import Bool, Float, Integer, TraitError, Unicode, default, validate
 
-from . import objects
+from . import messages, objects
 from ._version import __version__
+from .capacity import PoolSpec
 from .objects import GPUShare, GPUShareConfigError
+from .queueclient import QueueClient, QueueRejected, QueueUnavailable
+
+try:  # JupyterHub 6: policy failures that do not count towards consecutive_failure_limit
+    from jupyterhub.spawner import SpawnException
+except ImportError:  # JupyterHub 5
+    SpawnException = None
+
+# The device plugin was re-registering when the kubelet admitted the pod; the
+# pod is never retried by Kubernetes, so we create it again.
+RETRYABLE_POD_FAILURES = frozenset({"UnexpectedAdmissionError"})
+
+
+def spawn_refusal(message: str, reason: str) -> Exception:
+    """An error for the spawn page that JupyterHub treats as a refusal, not a crash."""
+    if SpawnException is not None:
+        return SpawnException(message, reason=reason, status_code=429)
+    error = web.HTTPError(429, message)
+    error.jupyterhub_message = message
+    return error
 
 
 class GPUShareSpawner(KubeSpawner):
@@ -166,7 +193,66 @@ class GPUShareSpawner(KubeSpawner):
         """,
     )
 
+    queue_url = Unicode(
+        "",
+        config=True,
+        help="""
+        URL of the gpushare service that keeps the fair queue, as the hub
+        reaches it. Set by ``jupyterhub_gpushare.configure(c)``; empty means no
+        queue (plain KubeSpawner behaviour when slices run out)::
+
+            c.GPUShareSpawner.queue_url = "http://127.0.0.1:10101/services/gpushare"
+        """,
+    )
+
+    queue_service_name = Unicode(
+        "gpushare",
+        config=True,
+        help="Name of the gpushare service (its URL prefix is ``services/<name>/``).",
+    )
+
+    queue_secret = Unicode(
+        "",
+        config=True,
+        help="Secret shared with the gpushare service. Set by ``configure(c)``.",
+    )
+
+    queue_timeout = Float(
+        1800,
+        config=True,
+        help="""
+        Longest time a spawn waits in line for GPU slices, in seconds. The hub's
+        ``start_timeout`` is extended by this much for GPU servers, so the pod
+        still gets its full ``start_timeout`` once admitted::
+
+            c.GPUShareSpawner.queue_timeout = 3600
+        """,
+    )
+
+    queue_unreachable_timeout = Float(
+        30,
+        config=True,
+        help="""
+        If the gpushare service cannot be reached for this long, the spawn goes
+        ahead without the queue (and says so on the progress page)::
+
+            c.GPUShareSpawner.queue_unreachable_timeout = 30
+        """,
+    )
+
+    admission_retries = Integer(
+        5,
+        config=True,
+        help="""
+        How often a pod that the kubelet rejected with ``UnexpectedAdmissionError``
+        (the device plugin was restarting) is created again::
+
+            c.GPUShareSpawner.admission_retries = 5
+        """,
+    )
+
     _replicas_warned = False
+    _base_start_timeout: float | None = None
 
     @validate("gpu_slices")
     def _validate_slices(self, proposal):
@@ -294,6 +380,231 @@ class GPUShareSpawner(KubeSpawner):
             )
         return e
 
+    # -- the queue ------------------------------------------------------------
+    def start(self):
+        # The hub reads start_timeout as soon as start() returns, so the time in
+        # line is added here, synchronously.
+        if self._base_start_timeout is None:
+            self._base_start_timeout = self.start_timeout
+        if self.queue_url:
+            self.start_timeout = self._base_start_timeout + self.queue_timeout
+        self._ticket = None
+        self._queue_status = None
+        self._queue_note = None
+        self._queue_event = asyncio.Event()
+        self._pod_retries = 0
+        self._recreating: set[str] = set()
+        return super().start()
+
+    def _queue_update(self, status: dict | None = None, note: str | None = None) -> None:
+        if status is not None:
+            self._queue_status = status
+        if note is not None:
+            self._queue_note = note
+        # wake every progress() reader (one per open tab) without side effects
+        event, self._queue_event = self._queue_event, asyncio.Event()
+        event.set()
+
+    def _ticket_request(self, share: GPUShare, ticket_id: str, requested_at: float) -> dict:
+        pool = PoolSpec.from_selector(share.resource_name, self.node_selector)
+        return {
+            "id": ticket_id,
+            "user": self.user.name,
+            "server": self.name,
+            "slices": share.slices,
+            "pool": {"resource": pool.resource, "selector": dict(pool.selector)},
+            "requested_at": requested_at,
+        }
+
+    async def wait_for_slices(self, share: GPUShare) -> str | None:
+        """Join the line and return once admitted; the ticket id, or None without queue."""
+        if not (self.queue_url and share.uses_gpu):
+            return None
+        requested_at = time.time()
+        ticket_id = f"{self.user.id}-{uuid.uuid4().hex[:12]}"
+        self._ticket = ticket_id
+        request = self._ticket_request(share, ticket_id, requested_at)
+        client = self._queue_client()
+        deadline = requested_at + self.queue_timeout
+        unreachable_since = None
+        try:
+            while True:
+                try:
+                    status = await client.join(request)
+                    self._queue_update(status)
+                    if status["state"] != "admitted":
+                        status = await asyncio.wait_for(
+                            self._follow(client, ticket_id), deadline - time.time()
+                        )
+                    if status["state"] == "admitted":
+                        self.log.info(
+                            "%s admitted to GPU slices after %.1fs",
+                            self._log_name,
+                            time.time() - requested_at,
+                        )
+                        self._queue_update(note="A GPU slice is free: starting your server")
+                        return ticket_id
+                    unreachable_since = None  # "gone": join again, keeping our place
+                except QueueUnavailable as e:
+                    now = time.time()
+                    unreachable_since = unreachable_since or now
+                    if now - unreachable_since > self.queue_unreachable_timeout:
+                        self.log.warning(
+                            "GPU queue service unreachable for %.0fs (%s); starting %s without it",
+                            now - unreachable_since,
+                            e,
+                            self._log_name,
+                        )
+                        self._queue_update(
+                            note="The GPU queue service cannot be reached: starting "
+                            "without it, Kubernetes will place your server when a slice is free"
+                        )
+                        return None
+                    self._queue_update(note="Reconnecting to the GPU queue service")
+                    await asyncio.sleep(min(2.0, max(deadline - time.time(), 0)))
+                if time.time() >= deadline:
+                    raise asyncio.TimeoutError
+        except asyncio.TimeoutError:
+            await client.leave(ticket_id, "timeout")
+            minutes = round(self.queue_timeout / 60)
+            raise self._queue_timeout_error(
+                f"No GPU slice became free within {minutes} minutes. "
+                "Please try again later, or choose a profile without a GPU."
+            ) from None
+        except QueueRejected as e:
+            raise GPUShareConfigError(f"the GPU queue service refused this spawn: {e}") from None
+        except BaseException:
+            # cancelled (Stop Server, the REST API, the hub going away) or failed
+            await asyncio.shield(client.leave(ticket_id, "cancelled"))
+            raise
+        finally:
+            self._queue_update()
+
+    def _queue_client(self) -> QueueClient:
+        # the service's routes live under the hub's base URL, like the hub's own
+        base_url = self.hub.base_url.rstrip("/").removesuffix("/hub") + "/"
+        return QueueClient(
+            url_path_join(self.queue_url, base_url, "services", self.queue_service_name),
+            self.queue_secret,
+        )
+
+    async def _follow(self, client: QueueClient, ticket_id: str) -> dict:
+        async for status in client.follow(ticket_id):
+            self._queue_update(status)
+            if status["state"] in ("admitted", "gone"):
+                return status
+        raise QueueUnavailable("event stream ended")
+
+    def _queue_timeout_error(self, message: str) -> Exception:
+        error = spawn_refusal(message, reason="gpu-queue-timeout")
+        if SpawnException is None:
+            # JupyterHub 5 counts every failed spawn towards consecutive_failure_limit
+            # and exits at the limit; running out of GPU slices is no hub failure.
+            self.consecutive_failure_limit = 0
+            asyncio.get_running_loop().call_later(0, self._forgive_failure)
+        return error
+
+    def _forgive_failure(self) -> None:
+        try:
+            from jupyterhub.app import JupyterHub
+
+            settings = JupyterHub.instance().tornado_application.settings
+        except Exception:  # not inside a hub (tests of the spawner alone)
+            return
+        if settings.get("failure_count", 0) > 0:
+            settings["failure_count"] -= 1
+
+    async def progress(self):
+        """Queue position while waiting, then KubeSpawner's pod events.
+
+        Runs once per open browser tab, so it only reads what the start task
+        records and changes nothing.
+        """
+        last = None
+        while self._ticket is not None and not self._start_future_done():
+            event = self._queue_event
+            current = (self._queue_status, self._queue_note)
+            if current != last:
+                last = current
+                message = self._progress_message()
+                if message:
+                    yield message
+            if self._queue_status and self._queue_status.get("state") == "admitted":
+                break
+            try:
+                await asyncio.wait_for(event.wait(), 1)
+            except asyncio.TimeoutError:
+                pass
+        async for message in super().progress():
+            yield message
+
+    def _start_future_done(self) -> bool:
+        future = getattr(self, "_start_future", None)
+        return future is not None and future.done()
+
+    def _progress_message(self) -> dict | None:
+        status = self._queue_status
+        if self._queue_note and (status is None or status.get("state") != "waiting"):
+            return {"progress": 5, "message": self._queue_note}
+        if status is None or status.get("state") != "waiting":
+            return None
+        return {"progress": 2, **messages.queue_message(status)}
+
+    async def stop(self, now=False):
+        ticket = getattr(self, "_ticket", None)
+        if ticket and self.queue_url and not self._start_future_done():
+            # Stop Server while waiting: leave the line at once
+            await self._queue_client().leave(ticket, "cancelled")
+        return await super().stop(now=now)
+
+    # -- pods the device plugin rejected ----------------------------------------
+    def is_pod_running(self, pod):
+        status = (pod or {}).get("status") or {}
+        if status.get("phase") == "Failed" and status.get("reason") in RETRYABLE_POD_FAILURES:
+            uid = pod["metadata"]["uid"]
+            if uid not in self._recreating:
+                if self._pod_retries >= self.admission_retries:
+                    raise GPUShareConfigError(
+                        f"the node rejected the server {self._pod_retries + 1} times "
+                        f"({status.get('reason')}: {status.get('message')})"
+                    )
+                self._recreating.add(uid)
+                self._pod_retries += 1
+                self._recreate_task = asyncio.ensure_future(self._recreate_pod(pod))
+            return False
+        return super().is_pod_running(pod)
+
+    async def _recreate_pod(self, failed: dict) -> None:
+        meta = failed["metadata"]
+        self.log.warning(
+            "Pod %s was rejected by its node (%s); creating it again (%d of %d)",
+            meta["name"],
+            failed["status"].get("reason"),
+            self._pod_retries,
+            self.admission_retries,
+        )
+        try:
+            await self.api.delete_namespaced_pod(
+                meta["name"],
+                meta["namespace"],
+                body=V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=V1Preconditions(uid=meta["uid"])
+                ),
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+        ref_key = f"{meta['namespace']}/{meta['name']}"
+
+        def replaced() -> bool:
+            current = self.pod_reflector.pods.get(ref_key) or {}
+            return current.get("metadata", {}).get("uid") != meta["uid"]
+
+        await exponential_backoff(replaced, f"pod {ref_key} was not deleted", timeout=60)
+        manifest = copy.deepcopy(self._pod_manifest)
+        await self.api.create_namespaced_pod(meta["namespace"], manifest)
+
+    # -- the pod ----------------------------------------------------------------
     async def get_pod_manifest(self) -> V1Pod:
         share = await self.gpu_share()
         if share.uses_gpu:
@@ -306,10 +617,14 @@ class GPUShareSpawner(KubeSpawner):
             )
             if self.memory_guard:
                 await self._ensure_memory_guard()
+        ticket = await self.wait_for_slices(share)
         pod = await super().get_pod_manifest()
-        return objects.apply_gpu_share(
+        pod = objects.apply_gpu_share(
             pod,
             share,
             admin_env=self.environment.keys(),
             guard_configmap=self.memory_guard_configmap if self.memory_guard else None,
+            ticket=ticket,
         )
+        self._pod_manifest = copy.deepcopy(pod)
+        return pod

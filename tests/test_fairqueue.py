@@ -76,26 +76,26 @@ def test_strict_order_and_reservations():
     q = FairQueue()
     for i, slices in enumerate([1, 2, 1]):
         q.join(ticket(i, slices))
-    admitted = q.admit(caps, now=10)
+    admitted = q.admit({GPU: caps}, now=10)
     # t0 fits; t1 needs 2 with 1 left, and t2 may not overtake it
     assert [t.id for t in admitted] == ["t0"]
     assert q.position("t1") == (1, 2) and q.position("t2") == (2, 2)
     # nothing changed: the reservation keeps the slice booked
-    assert q.admit(caps, now=11) == []
+    assert q.admit({GPU: caps}, now=11) == []
 
 
 def test_reservation_ends_when_the_pod_is_bound():
     q = FairQueue()
     q.join(ticket(0))
     caps = node_capacities([node("a", 1)], [], GPU)
-    assert [t.id for t in q.admit(caps, now=1)] == ["t0"]
+    assert [t.id for t in q.admit({GPU: caps}, now=1)] == ["t0"]
     q.join(ticket(1))
     # the pod appears bound: it counts as used, the reservation goes
     bound = pod("jupyter-user0", "a")
     bound["metadata"]["annotations"]["gpushare.jupyter.org/ticket"] = "t0"
     caps = node_capacities([node("a", 1)], [bound], GPU)
     assert [t.id for t in q.settle(["t0"], now=2)] == ["t0"]
-    assert q.admit(caps, now=2) == []
+    assert q.admit({GPU: caps}, now=2) == []
     assert q.position("t1") == (1, 1)
 
 
@@ -117,7 +117,7 @@ def test_state_round_trip_keeps_order_and_reservations():
     copy = FairQueue()
     copy.load_state(q.to_state())
     assert copy.to_state() == q.to_state()
-    assert copy.reserved() == {"a": 1}
+    assert copy.reserved() == {(GPU, "a"): 1}
 
 
 def test_wait_estimate_from_observed_releases():
@@ -145,11 +145,11 @@ def test_never_overbooks_and_admits_in_order(node_slices, requests, holders):
     q = FairQueue()
     for i, slices in enumerate(requests):
         q.join(ticket(i, slices))
-    admitted = q.admit(caps, now=0)
+    admitted = q.admit({GPU: caps}, now=0)
     # admitted ones are exactly a prefix of the line
     assert [t.id for t in admitted] == [f"t{i}" for i in range(len(admitted))]
     for name, cap in caps.items():
         booked = sum(t.slices for t in admitted if t.node == name)
         assert booked <= cap.free
     # a second round with unchanged capacity admits nobody more
-    assert q.admit(caps, now=1) == []
+    assert q.admit({GPU: caps}, now=1) == []

@@ -93,6 +93,8 @@ class LocalHub:
             ]
 
             c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"
+            import jupyterhub_gpushare
+            jupyterhub_gpushare.configure(c, port={self.service_port})
             c.KubeSpawner.namespace = {self.namespace!r}
             c.KubeSpawner.image = "quay.io/jupyter/base-notebook:latest"
             c.KubeSpawner.cmd = ["jupyterhub-singleuser"]
@@ -114,6 +116,7 @@ class LocalHub:
             self.port = free_port()
         self.hub_port = free_port()
         self.proxy_api_port = free_port()
+        self.service_port = free_port()
         config = self.run_dir / "jupyterhub_config.py"
         config.write_text(self.config_text())
         env = {

@@ -1,0 +1,84 @@
+"""One call that sets up gpushare in a hub's configuration::
+
+    import jupyterhub_gpushare
+    jupyterhub_gpushare.configure(c)
+
+It adds the managed service, its role, the user scope it needs and the
+spawner's queue settings, on JupyterHub 5.x and 6.x.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+
+from traitlets.config import Config
+
+SERVICE_SCOPES = ["list:users", "read:users:activity", "read:servers"]
+# A managed service inherits only a few variables from the hub; the in-cluster
+# Kubernetes client needs these.
+FORWARDED_ENV = ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "KUBECONFIG")
+
+
+def _jupyterhub_major() -> int:
+    from jupyterhub import version_info
+
+    return int(version_info[0])
+
+
+def configure(
+    c: Config,
+    *,
+    url: str | None = None,
+    port: int = 10101,
+    name: str = "gpushare",
+    environment: dict[str, str] | None = None,
+) -> None:
+    """Add the gpushare service and its permissions to the hub config ``c``.
+
+    ``url`` is where the proxy reaches the service (z2jh: ``"http://hub:10101"``);
+    by default ``http://127.0.0.1:<port>``. The hub's own spawners always talk
+    to it on loopback, since the service runs beside the hub.
+    """
+    url = (url or f"http://127.0.0.1:{port}").rstrip("/")
+    secret = os.environ.get("GPUSHARE_HUB_SECRET") or secrets.token_hex(32)
+    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    env["GPUSHARE_HUB_SECRET"] = secret
+    env.update(environment or {})
+
+    service = {
+        "name": name,
+        "url": url,
+        "command": [sys.executable, "-m", "jupyterhub_gpushare.service"],
+        "environment": env,
+        "oauth_no_confirm": True,
+        "display": True,
+        "info": {"description": "GPU slices: what is free, and your place in line"},
+    }
+    services = list(c.JupyterHub.services) if "services" in c.JupyterHub else []
+    c.JupyterHub.services = [s for s in services if s.get("name") != name] + [service]
+
+    roles = list(c.JupyterHub.load_roles) if "load_roles" in c.JupyterHub else []
+    roles = [r for r in roles if r.get("name") != f"{name}-service"]
+    roles.append({"name": f"{name}-service", "scopes": SERVICE_SCOPES, "services": [name]})
+    access = f"access:services!service={name}"
+    user_role = next((r for r in roles if r.get("name") == "user"), None)
+    if user_role is not None:
+        user_role["scopes"] = sorted({*user_role.get("scopes", ["self"]), access})
+    elif _jupyterhub_major() >= 6:
+        extra = (
+            set(c.JupyterHub.extra_user_scopes) if "extra_user_scopes" in c.JupyterHub else set()
+        )
+        c.JupyterHub.extra_user_scopes = extra | {access}
+    else:
+        # JupyterHub 5: redefine the default user role with the extra scope
+        roles.append({"name": "user", "scopes": ["self", access]})
+    c.JupyterHub.load_roles = roles
+
+    if "spawner_class" not in c.JupyterHub:
+        c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"
+    local_port = int(url.rsplit(":", 1)[1].split("/")[0]) if url.count(":") == 2 else port
+    c.GPUShareSpawner.queue_url = f"http://127.0.0.1:{local_port}"
+    c.GPUShareSpawner.queue_service_name = name
+    c.GPUShareSpawner.queue_secret = secret
