@@ -76,3 +76,74 @@ def process_environment(cluster: LocalCluster, pod) -> dict[str, str]:
     pid = (cluster.run_dir / "pods" / pod.metadata.uid / "container.pid").read_text()
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+async def wait_event(hub: LocalHub, name: str, predicate, timeout: float = 60) -> dict:
+    """The first progress event of ``name``'s spawn for which ``predicate`` holds.
+
+    Opens the real progress stream (as the spawn page does); each new stream
+    starts with the current state, so this also reads "where am I now".
+    """
+    import asyncio
+
+    async def read() -> dict:
+        async with hub.api_client() as api:
+            async with api.stream(
+                "GET", f"/users/{name}/server/progress", timeout=timeout
+            ) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        if predicate(event):
+                            return event
+                        if event.get("ready") or event.get("failed"):
+                            raise AssertionError(f"{name}'s spawn ended first: {event}")
+        raise AssertionError(f"{name}'s progress stream ended")
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+def position_is(position: int, waiting: int | None = None):
+    text = f"you are number {position} of "
+    return lambda e: (
+        text in e.get("message", "")
+        and (waiting is None or f"{text}{waiting} in line" in e["message"])
+    )
+
+
+async def server_state(hub: LocalHub, name: str) -> dict | None:
+    async with hub.api_client() as api:
+        user = (await api.get(f"/users/{name}")).json()
+    return user["servers"].get("")
+
+
+async def stop_all(hub: LocalHub, core, namespace: str, names) -> None:
+    import asyncio
+
+    async with hub.api_client() as api:
+        await asyncio.gather(*(api.delete(f"/users/{n}/server") for n in names))
+
+    async def gone():
+        pods = await core.list_namespaced_pod(
+            namespace, label_selector="component=singleuser-server"
+        )
+        return not [
+            p for p in pods.items if p.metadata.annotations.get("hub.jupyter.org/username") in names
+        ]
+
+    await wait_for(gone, 90, "the servers to stop")
+
+    async def no_pending():
+        states = [await server_state(hub, n) for n in names]
+        return all(s is None for s in states)
+
+    await wait_for(no_pending, 60, "no server left pending")
+
+
+async def user_token(hub: LocalHub, name: str) -> str:
+    """An API token of ``name`` with all of that user's own permissions."""
+    await ensure_user(hub, name)
+    async with hub.api_client() as api:
+        response = await api.post(f"/users/{name}/tokens", json={"note": "test"})
+    response.raise_for_status()
+    return response.json()["token"]

@@ -65,7 +65,8 @@ class Dispatcher(LoggingConfigurable):
 
     @default("state_file")
     def _state_file_default(self):
-        return str(Path(os.environ.get("TMPDIR", "/tmp")) / "jupyterhub-gpushare-queue.json")
+        # beside the hub's database: the hub's working directory
+        return os.path.abspath("gpushare-queue.json")
 
     def __init__(self, api: client.CoreV1Api, **kwargs):
         super().__init__(**kwargs)

@@ -83,6 +83,7 @@ class Component:
     argv: list[str]
     log_path: Path
     env: dict[str, str] | None = None
+    cwd: Path | None = None
     process: subprocess.Popen | None = None
     peak_rss_bytes: int = 0
 
@@ -94,6 +95,7 @@ class Component:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.env,
+            cwd=self.cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )

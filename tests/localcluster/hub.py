@@ -129,6 +129,7 @@ class LocalHub:
             [sys.executable, "-m", "jupyterhub", "-f", str(config)],
             self.run_dir / "jupyterhub.log",
             env=env,
+            cwd=self.run_dir,
         )
         self.component.start()
 

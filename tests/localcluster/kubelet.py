@@ -133,9 +133,12 @@ class SimulatedKubelet:
                     continue
                 log.warning("watch failed: %s; retrying", e.reason)
                 await asyncio.sleep(1)
-            except (OSError, asyncio.TimeoutError) as e:
-                # the API server is restarting: keep what runs, re-list when it is back
-                log.warning("API server unreachable (%s); retrying", e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # the API server is restarting (connection refused, cut-off
+                # streams): keep what runs, re-list when it is back
+                log.warning("API server unreachable (%r); retrying", e)
                 await asyncio.sleep(1)
                 with contextlib.suppress(Exception):
                     resource_version = await self._sync_all()
