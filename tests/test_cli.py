@@ -153,11 +153,11 @@ class Result:
         return self.out + self.err
 
 
-async def gpushare(cluster, *args: str, kubeconfig=None, timeout: float = 180) -> Result:
-    """Run the CLI as a real subprocess without blocking the loop (the stand-in runs on it)."""
+async def start_gpushare(cluster, *args: str, kubeconfig=None) -> asyncio.subprocess.Process:
+    """Start the CLI as a real subprocess; the loop stays free (the stand-in runs on it)."""
     env = {**os.environ, "KUBECONFIG": str(kubeconfig or cluster.kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "jupyterhub_gpushare.cli",
@@ -168,6 +168,14 @@ async def gpushare(cluster, *args: str, kubeconfig=None, timeout: float = 180) -
         env=env,
         cwd=REPO_ROOT,
     )
+
+
+async def gpushare(cluster, *args: str, kubeconfig=None, timeout: float = 180) -> Result:
+    """Run the CLI to the end."""
+    return await finish(await start_gpushare(cluster, *args, kubeconfig=kubeconfig), timeout)
+
+
+async def finish(process: asyncio.subprocess.Process, timeout: float = 180) -> Result:
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
     except asyncio.TimeoutError:
@@ -320,34 +328,52 @@ async def test_setup_eight_then_disable_restores_everything(
     assert "nothing to change" in again.out
 
 
-async def test_pending_gpu_pod_blocks_the_restart_until_forced(
+async def test_pending_gpu_pods_block_the_restart_unless_waited_for_or_forced(
     cluster, core, custom, namespace, policy, gpu_node
 ):
     await policy()
     node = await gpu_node(gpus=1)
-    pod = unique("waits-for-two")
-    await core.create_namespaced_pod(namespace, waiting_pod(pod, node, slices=2))
+    first, second = unique("wants-two"), unique("wants-five")
+    await core.create_namespaced_pod(namespace, waiting_pod(first, node, slices=2))
     try:
         before = await snapshot(core, custom, [node])
         refused = await gpushare(cluster, "setup", "--replicas", "4", "--yes")
         assert refused.code == 1, refused.text
-        assert f"{namespace}/{pod}" in refused.err
+        assert f"{namespace}/{first}" in refused.err
         assert "Pending" in refused.err and "--force" in refused.err
         assert len(refused.err.strip().splitlines()) == 1, refused.err
+        dry = await gpushare(cluster, "setup", "--replicas", "4", "--dry-run")
+        assert dry.code == 0 and f"{namespace}/{first}" in dry.err, dry.text
         assert await snapshot(core, custom, [node]) == before
 
+        # --wait: the CLI waits, says for what, and goes ahead once the pod is gone
+        waiting = await start_gpushare(
+            cluster, "setup", "--replicas", "4", "--yes", "--wait", "--timeout", CLI_TIMEOUT
+        )
+        line = (await asyncio.wait_for(waiting.stderr.readline(), 60)).decode()
+        assert "waiting for Pending GPU pods" in line and first in line, line
+        assert await snapshot(core, custom, [node]) == before
+        await core.delete_namespaced_pod(first, namespace, grace_period_seconds=0)
+        result = await finish(waiting)
+        assert result.code == 0, result.text
+        assert (await node_state(core, node))["gpu"] == "4"
+
+        # --force: goes ahead with a warning that names the pod
+        await core.create_namespaced_pod(namespace, waiting_pod(second, node, slices=5))
         forced = await gpushare(
-            cluster, "setup", "--replicas", "4", "--yes", "--force", "--timeout", CLI_TIMEOUT
+            cluster, "setup", "--replicas", "8", "--yes", "--force", "--timeout", CLI_TIMEOUT
         )
         assert forced.code == 0, forced.text
-        assert pod in forced.err  # the warning names it too
-        assert (await node_state(core, node))["gpu"] == "4"
-        # with four slices the pod that wanted two now fits
+        assert second in forced.err
+        assert (await node_state(core, node))["gpu"] == "8"
+        # with eight slices the pod that wanted five now fits
         await wait_for(
-            lambda: _is(pod_phase(core, namespace, pod), "Running"), 60, "the waiting pod to run"
+            lambda: _is(pod_phase(core, namespace, second), "Running"), 60, "the waiting pod to run"
         )
     finally:
-        await core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
+        for pod in (first, second):
+            with contextlib.suppress(ApiException):
+                await core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
 
 
 async def _is(awaitable, expected) -> bool:
@@ -516,16 +542,23 @@ async def test_keys_we_do_not_own_are_kept_and_the_original_comes_back(
 
 
 # -- bad input and bad clusters: one line, non-zero exit, nothing changed -----------------
-@pytest.mark.parametrize(("value", "expected"), [("1", "at least 2"), ("abc", "whole number")])
-async def test_bad_replicas(cluster, core, custom, policy, gpu_node, value, expected):
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--replicas", "1"], "--replicas must be at least 2"),
+        (["--replicas", "abc"], "--replicas must be a whole number"),
+        (["--replicas", "4", "--nodes", "model in (a"], "not a valid label selector"),
+    ],
+)
+async def test_bad_input(cluster, core, custom, policy, gpu_node, args, expected):
     await policy()
     node = await gpu_node()
     before = await snapshot(core, custom, [node])
-    result = await gpushare(cluster, "setup", "--replicas", value, "--yes")
-    assert result.code == 2
+    result = await gpushare(cluster, "setup", *args, "--yes")
+    assert result.code == 2, result.text
     assert result.out == ""
     lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and "--replicas" in lines[0] and expected in lines[0], result.err
+    assert len(lines) == 1 and expected in lines[0], result.err
     assert lines[0].startswith("✗")
     assert await snapshot(core, custom, [node]) == before
 

@@ -53,6 +53,8 @@ class LocalHub:
         self.port = port
         self.admin_users = admin_users
         self.api_token = secrets.token_hex(16)
+        # what the hub's spawners send to the gpushare service (configure(c) reads it)
+        self.queue_secret = secrets.token_hex(16)
         self.component: Component | None = None
 
     @property
@@ -122,6 +124,7 @@ class LocalHub:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
+            "GPUSHARE_HUB_SECRET": self.queue_secret,
             "PYTHONUNBUFFERED": "1",
         }
         self.component = Component(

@@ -1,0 +1,237 @@
+"""Who may use which endpoint of the gpushare service, and bad requests.
+
+Every endpoint is tried as anonymous, a user, another user, an admin and the
+hub; every refusal is a 4xx with a JSON body, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.spawning import user_token
+
+pytestmark = [pytest.mark.cluster, pytest.mark.hub]
+
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory):
+    return hub_factory("c.GPUShareSpawner.memory_guard = False\n")
+
+
+@pytest.fixture(scope="module")
+async def callers(hub):
+    alice = await user_token(hub, "alice")
+    bob = await user_token(hub, "bob")
+    admin = await user_token(hub, "admin")
+    return {
+        "anonymous": {},
+        "user": {"Authorization": f"token {alice}"},
+        "other-user": {"Authorization": f"token {bob}"},
+        "admin": {"Authorization": f"token {admin}"},
+        "hub": {"X-Gpushare-Hub-Secret": hub.queue_secret},
+    }
+
+
+def ticket(ticket_id: str, user: str = "alice", **changes) -> dict:
+    body = {
+        "id": ticket_id,
+        "user": user,
+        "server": "",
+        "slices": 1,
+        "pool": {"resource": "nvidia.com/gpu", "selector": {"gpushare.dev/pool": "none"}},
+        "requested_at": time.time(),
+    }
+    body.update(changes)
+    return body
+
+
+async def call(hub, headers, method, path, **kwargs) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"{hub.url}/services/gpushare/", timeout=20) as http:
+        return await http.request(method, path, headers=headers, **kwargs)
+
+
+# (method, path, body, who gets which status)
+MATRIX = [
+    (
+        "GET",
+        "api/capacity",
+        None,
+        {"anonymous": 403, "user": 200, "other-user": 200, "admin": 200, "hub": 200},
+    ),
+    (
+        "GET",
+        "api/queue",
+        None,
+        {"anonymous": 403, "user": 200, "other-user": 200, "admin": 200, "hub": 403},
+    ),
+    (
+        "GET",
+        "api/nodes",
+        None,
+        {"anonymous": 403, "user": 403, "other-user": 403, "admin": 200, "hub": 403},
+    ),
+    (
+        "POST",
+        "api/tickets",
+        "new",
+        {"anonymous": 403, "user": 403, "other-user": 403, "admin": 403, "hub": 201},
+    ),
+    (
+        "GET",
+        "api/tickets/matrix-held",
+        None,
+        {"anonymous": 403, "user": 403, "other-user": 403, "admin": 403, "hub": 200},
+    ),
+    (
+        "GET",
+        "metrics",
+        None,
+        {"anonymous": 403, "user": 403, "other-user": 403, "admin": 200, "hub": 200},
+    ),
+    (
+        "DELETE",
+        "api/tickets/matrix-held",
+        None,
+        {"anonymous": 403, "user": 403, "other-user": 403, "admin": 403, "hub": 200},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "method,path,body,expected", MATRIX, ids=[f"{m} {p}" for m, p, _, _ in MATRIX]
+)
+async def test_authorization_matrix(hub, callers, method, path, body, expected):
+    held = await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("matrix-held"))
+    assert held.status_code == 201
+    try:
+        for who, status in expected.items():
+            kwargs = {}
+            if body == "new":
+                kwargs["json"] = ticket(f"matrix-{who}")
+            response = await call(hub, callers[who], method, path, **kwargs)
+            assert response.status_code == status, (who, response.text)
+            if status >= 400:
+                assert response.json()["status"] == status
+            if method == "DELETE" and status == 200:
+                break  # it is gone now
+    finally:
+        for who in expected:
+            await call(hub, callers["hub"], "DELETE", f"api/tickets/matrix-{who}")
+        await call(hub, callers["hub"], "DELETE", "api/tickets/matrix-held")
+
+
+async def test_events_stream_is_for_the_hub_only(hub, callers):
+    for who in ("anonymous", "user", "admin"):
+        response = await call(hub, callers[who], "GET", "api/tickets/x/events")
+        assert response.status_code == 403
+    await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("streamed"))
+    try:
+        async with httpx.AsyncClient(timeout=20) as http:
+            async with http.stream(
+                "GET",
+                f"{hub.url}/services/gpushare/api/tickets/streamed/events",
+                headers=callers["hub"],
+            ) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data:"):
+                        assert '"state": "waiting"' in line
+                        break
+    finally:
+        await call(hub, callers["hub"], "DELETE", "api/tickets/streamed")
+
+
+async def test_users_never_see_other_users(hub, callers):
+    await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("bobs", user="bob"))
+    await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("evil", user=EVIL))
+    try:
+        mine = (await call(hub, callers["user"], "GET", "api/queue")).json()
+        assert mine == {"entries": []}
+        bobs = (await call(hub, callers["other-user"], "GET", "api/queue")).json()
+        assert [e["ticket"] for e in bobs["entries"]] == ["bobs"]
+        assert "user" not in bobs["entries"][0]
+        everyone = (await call(hub, callers["admin"], "GET", "api/queue")).json()
+        assert {e["user"] for e in everyone["entries"]} >= {"bob", EVIL}
+        capacity = await call(hub, callers["user"], "GET", "api/capacity")
+        assert "bob" not in capacity.text and "onerror" not in capacity.text
+        # JSON, not HTML: nothing here is ever rendered without escaping
+        assert everyone_response_is_json(await call(hub, callers["admin"], "GET", "api/queue"))
+    finally:
+        await call(hub, callers["hub"], "DELETE", "api/tickets/bobs")
+        await call(hub, callers["hub"], "DELETE", "api/tickets/evil")
+
+
+def everyone_response_is_json(response: httpx.Response) -> bool:
+    return response.headers["content-type"].startswith("application/json")
+
+
+BAD_TICKETS = {
+    "missing id": {"id": None},
+    "missing user": {"user": None},
+    "missing slices": {"slices": None},
+    "missing pool": {"pool": None},
+    "slices as text": {"slices": "1"},
+    "slices as bool": {"slices": True},
+    "zero slices": {"slices": 0},
+    "huge slices": {"slices": 10**9},
+    "huge user": {"user": "x" * 10_000},
+    "id with slash": {"id": "a/b"},
+    "unknown pool": {"pool": {"resource": "amd.com/gpu", "selector": {}}},
+    "selector not a map": {"pool": {"resource": "nvidia.com/gpu", "selector": ["a"]}},
+    "time in the future": {"requested_at": time.time() + 10**6},
+    "time as text": {"requested_at": "now"},
+    "time not finite": {"requested_at": float("inf")},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TICKETS))
+async def test_bad_ticket_shapes(hub, callers, case):
+    body = ticket(f"bad-{len(case)}")
+    for key, value in BAD_TICKETS[case].items():
+        if value is None:
+            body.pop(key)
+        else:
+            body[key] = value
+    content = (
+        httpx.Request("POST", "http://x", json=body).content
+        if case != "time not finite"
+        else (
+            b'{"id": "bad", "user": "a", "slices": 1, "pool": {"resource": "nvidia.com/gpu"}, '
+            b'"requested_at": 1e999}'
+        )
+    )
+    headers = {**callers["hub"], "Content-Type": "application/json"}
+    response = await call(hub, headers, "POST", "api/tickets", content=content)
+    assert response.status_code == 400, response.text
+    assert response.json()["status"] == 400
+    assert response.json()["message"]
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"'])
+async def test_bodies_that_are_not_objects(hub, callers, raw):
+    response = await call(hub, callers["hub"], "POST", "api/tickets", content=raw)
+    assert response.status_code == 400
+    assert "JSON" in response.json()["message"]
+
+
+async def test_unknown_paths_and_reasons(hub, callers):
+    response = await call(hub, callers["user"], "GET", "api/nope")
+    assert response.status_code == 404
+    assert response.json()["status"] == 404
+    response = await call(hub, callers["hub"], "DELETE", "api/tickets/nobody")
+    assert response.status_code == 404
+    response = await call(hub, callers["hub"], "DELETE", "api/tickets/x?reason=<b>")
+    assert response.status_code == 400
+
+
+async def test_html_username_is_accepted_as_data(hub, callers):
+    response = await call(
+        hub, callers["hub"], "POST", "api/tickets", json=ticket("html", user=EVIL)
+    )
+    assert response.status_code == 201
+    await call(hub, callers["hub"], "DELETE", "api/tickets/html")
