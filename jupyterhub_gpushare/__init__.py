@@ -1,7 +1,6 @@
 """Share NVIDIA GPUs between JupyterHub users on Kubernetes."""
 
 from ._version import __version__
-from .config import configure
 
 __all__ = ["GPUShareSpawner", "__version__", "configure"]
 
@@ -13,4 +12,8 @@ def __getattr__(name: str):
         from .spawner import GPUShareSpawner
 
         return GPUShareSpawner
+    if name == "configure":
+        from .config import configure
+
+        return configure
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

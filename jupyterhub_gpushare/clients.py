@@ -31,8 +31,7 @@ async def load_configuration(kubeconfig: str | None = None) -> client.Configurat
             )
         except (ConfigException, OSError) as e:
             raise ConfigException(
-                f"no Kubernetes configuration found ({e}); "
-                "set KUBECONFIG or run inside the cluster"
+                f"no Kubernetes configuration found ({e}); set KUBECONFIG or run inside the cluster"
             ) from e
     _configs[kubeconfig] = configuration
     return configuration

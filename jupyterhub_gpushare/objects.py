@@ -153,10 +153,10 @@ class GPUShare:
             FRACTION_ENV: fraction,
             "GPUSHARE_GPU_SLICES": str(self.slices),
             "GPUSHARE_GPU_REPLICAS": str(self.replicas),
-            # JAX preallocates 75% of the GPU unless told otherwise; both the old
-            # and the new name, since images carry either JAX generation.
+            # JAX preallocates 75% of the GPU unless told otherwise. Only the old
+            # name: every JAX knows it, and JAX 0.11 refuses to use the GPU at
+            # all when both it and the new XLA_CLIENT_MEM_FRACTION are set.
             "XLA_PYTHON_CLIENT_MEM_FRACTION": fraction,
-            "XLA_CLIENT_MEM_FRACTION": fraction,
             "CUPY_GPU_MEMORY_LIMIT": f"{self.fraction * 100:.2f}%",
             # TensorFlow grabs nearly all memory at start without this; the guard
             # adds the hard limit when TensorFlow is imported.
@@ -175,14 +175,15 @@ class GPUShare:
 def apply_gpu_share(
     pod: V1Pod,
     share: GPUShare,
-    admin_env: Iterable[str] = (),
+    admin_env: Mapping[str, object] | None = None,
     guard_configmap: str | None = None,
     ticket: str | None = None,
 ) -> V1Pod:
     """Set the GPU limit, the environment and the guard volume on a pod manifest.
 
     Extended resources take a limit only (Kubernetes requires request == limit
-    and fills in the request). Variables the admin set (``admin_env``) are kept.
+    and fills in the request). Variables the admin set (``admin_env``) are kept,
+    except that the guard's folder goes in front of the admin's ``PYTHONPATH``.
     """
     if ticket:
         # lets the queue service match the pod to the spawn it admitted
@@ -201,11 +202,17 @@ def apply_gpu_share(
     container.resources.limits = limits or None
     container.resources.requests = requests or None
 
-    keep = set(admin_env)
+    admin_env = admin_env or {}
     env = [e for e in container.env or []]
     present = {e.name for e in env}
-    for name, value in share.environment().items():
-        if name in keep:
+    ours = share.environment()
+    if "PYTHONPATH" in ours and isinstance(admin_env.get("PYTHONPATH"), str):
+        # A pod's PYTHONPATH replaces the image's, so the admin's paths must
+        # stay; the guard goes first so that its sitecustomize is found.
+        ours["PYTHONPATH"] = f"{ours['PYTHONPATH']}:{admin_env['PYTHONPATH']}"
+        admin_env = {k: v for k, v in admin_env.items() if k != "PYTHONPATH"}
+    for name, value in ours.items():
+        if name in admin_env:
             continue
         if name in present:
             env = [e for e in env if e.name != name]

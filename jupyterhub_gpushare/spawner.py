@@ -622,7 +622,7 @@ class GPUShareSpawner(KubeSpawner):
         pod = objects.apply_gpu_share(
             pod,
             share,
-            admin_env=self.environment.keys(),
+            admin_env=self._expand_env(self.environment),
             guard_configmap=self.memory_guard_configmap if self.memory_guard else None,
             ticket=ticket,
         )

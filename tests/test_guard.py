@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from jupyterhub_gpushare import guard
 
-PYTHON = sys.executable
+# A user image's interpreter: the base Python, without this venv's site-packages
+# (where the installed package's .pth would start the guard on its own).
+PYTHON = getattr(sys, "_base_executable", sys.executable)
 REPO = Path(__file__).resolve().parents[1]
 
 FAKE_TORCH = '''\
@@ -784,3 +786,22 @@ def test_pth_file_and_startup_folder_together_cap_once(harness, site_dir):
     assert json.loads(result.stdout)["guard_finders"] == 1
     assert harness.names() == ["import torch", "lazy_call"]
     assert result.stderr == ""
+
+
+def test_installed_package_starts_the_guard_by_itself():
+    """pip-installed in the user image, the package's .pth activates the guard,
+    and only when a fraction is set."""
+    code = "import sys; print('gpushare_guard' in sys.modules, 'torch' in sys.modules)"
+    on = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "GPUSHARE_MEMORY_FRACTION": "0.25"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert on.stdout.split() == ["True", "False"]
+    env = {k: v for k, v in os.environ.items() if k != "GPUSHARE_MEMORY_FRACTION"}
+    off = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert off.stdout.split() == ["False", "False"]

@@ -8,12 +8,15 @@
 - rbac.yaml, applied to the local API server, lets an identity that holds
   nothing else do every request the service and the spawner make, and no more;
   without it those requests are forbidden;
+- user-scheduler.yaml, in a real kube-scheduler, puts GPU servers where GPU
+  slices are already taken, where the chart's scoring would not;
 - time-slicing-configmap.yaml holds a config the NVIDIA device plugin accepts,
   the same config ``gpushare setup`` writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -637,6 +640,108 @@ async def test_the_rbac_grants_nothing_more(kube, hub_identity, hub_namespace):
         assert too_much == []
     finally:
         await delete_rbac(kube, objects)
+
+
+# -- the user-scheduler's scoring, in a real kube-scheduler ------------------------
+def scheduler_profile(name: str, values: dict) -> dict:
+    """A kube-scheduler profile as the chart renders the user-scheduler's."""
+    scheduler = values["scheduling"]["userScheduler"]
+    return {
+        "schedulerName": name,
+        "plugins": scheduler["plugins"],
+        "pluginConfig": scheduler["pluginConfig"],
+    }
+
+
+def small_pod(name: str, scheduler: str | None = None, node: str | None = None, **resources):
+    requests = {"cpu": resources.pop("cpu", "100m"), "memory": resources.pop("memory", "128Mi")}
+    limits = {"nvidia.com/gpu": str(resources.pop("gpu"))} if "gpu" in resources else {}
+    spec: dict = {
+        "containers": [{"name": "c", "image": "x", "resources": {"requests": requests}}],
+        "restartPolicy": "Never",
+    }
+    if limits:
+        spec["containers"][0]["resources"]["limits"] = limits
+    if scheduler:
+        spec["schedulerName"] = scheduler
+    if node:
+        spec["nodeName"] = node
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.fixture
+def user_scheduler(cluster, chart, tmp_path):
+    """A kube-scheduler with two profiles: the chart's user-scheduler as it comes,
+    and with user-scheduler.yaml merged in."""
+    from tests.localcluster.cluster import Component, free_port
+
+    defaults, _ = chart
+    configuration = {
+        "apiVersion": "kubescheduler.config.k8s.io/v1",
+        "kind": "KubeSchedulerConfiguration",
+        "clientConnection": {"kubeconfig": str(cluster.kubeconfig)},
+        "leaderElection": {"leaderElect": False},
+        "profiles": [
+            scheduler_profile("chart-default", defaults),
+            scheduler_profile(
+                "gpushare-packing", helm_merge(defaults, load("user-scheduler.yaml"))
+            ),
+        ],
+    }
+    path = tmp_path / "user-scheduler.yaml"
+    path.write_text(yaml.safe_dump(configuration))
+    scheduler = Component(
+        "user-scheduler",
+        [
+            str(cluster.bin_dir / "kube-scheduler"),
+            f"--config={path}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={free_port()}",
+            f"--authentication-kubeconfig={cluster.kubeconfig}",
+            f"--authorization-kubeconfig={cluster.kubeconfig}",
+            f"--cert-dir={tmp_path / 'certs'}",
+        ],
+        tmp_path / "user-scheduler.log",
+    )
+    scheduler.start()
+    yield scheduler
+    scheduler.stop()
+
+
+@pytest.mark.cluster
+async def test_user_scheduler_packs_gpu_slices(core, gpu_nodes, hub_namespace, user_scheduler):
+    # Node cpu-busy has half its CPUs taken by a CPU-only pod; node gpu-busy has 3
+    # of its 4 slices taken. Scoring CPU and memory only (the chart's default),
+    # the next GPU server goes to cpu-busy; with the GPU scored it fills gpu-busy.
+    cpu_busy = await gpu_nodes(replicas=4)
+    gpu_busy = await gpu_nodes(replicas=4)
+    ns = hub_namespace
+    placed = [small_pod("cpu-heavy", node=cpu_busy, cpu="16", memory="64Gi")]
+    placed += [small_pod(f"slice-{i}", node=gpu_busy, gpu=1) for i in range(3)]
+    created = [p["metadata"]["name"] for p in placed]
+    try:
+        for pod in placed:
+            await core.create_namespaced_pod(ns, pod)
+
+        async def placed_where(name: str, scheduler: str) -> str:
+            created.append(name)
+            await core.create_namespaced_pod(ns, small_pod(name, scheduler=scheduler, gpu=1))
+
+            async def bound():
+                if not user_scheduler.running:
+                    raise AssertionError(f"kube-scheduler exited: {user_scheduler.last_log_line()}")
+                return (await core.read_namespaced_pod(name, ns)).spec.node_name
+
+            node = await wait_for(bound, 60, f"{name} to be scheduled")
+            await core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+            return node
+
+        assert await placed_where("server-a", "chart-default") == cpu_busy
+        assert await placed_where("server-b", "gpushare-packing") == gpu_busy
+    finally:
+        for name in created:
+            with contextlib.suppress(ApiException):
+                await core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
 
 
 # -- the device plugin's time-slicing config --------------------------------------

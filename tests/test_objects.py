@@ -122,7 +122,6 @@ def test_environment_for_a_quarter():
         "GPUSHARE_GPU_REPLICAS": "4",
         "GPUSHARE_GPU_MEMORY_MIB": "32607",
         "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2264",
-        "XLA_CLIENT_MEM_FRACTION": "0.2264",
         "CUPY_GPU_MEMORY_LIMIT": "22.64%",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
         "PYTHONPATH": "/opt/gpushare/startup",
@@ -155,14 +154,18 @@ def test_apply_sets_limit_only_and_keeps_admin_env():
     )
     share = GPUShare("nvidia.com/gpu", 2, 4, 0.5, startup_path="/opt/g")
     objects.apply_gpu_share(
-        pod, share, admin_env={"XLA_PYTHON_CLIENT_MEM_FRACTION"}, guard_configmap="guard"
+        pod,
+        share,
+        admin_env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", "PYTHONPATH": "/srv/lib"},
+        guard_configmap="guard",
     )
     container = pod.spec.containers[0]
     assert container.resources.limits == {"cpu": "2", "nvidia.com/gpu": "2"}
     assert container.resources.requests == {"cpu": "1"}
     env = {e.name: e.value for e in container.env}
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
-    assert env["XLA_CLIENT_MEM_FRACTION"] == "0.5"
+    assert env["GPUSHARE_MEMORY_FRACTION"] == "0.5"
+    assert env["PYTHONPATH"] == "/opt/g:/srv/lib"  # the guard first, the admin's paths kept
     assert [v.config_map.name for v in pod.spec.volumes] == ["guard"]
     assert [(m.mount_path, m.read_only) for m in container.volume_mounts] == [("/opt/g", True)]
 
