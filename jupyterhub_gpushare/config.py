@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from pathlib import Path
 
 from traitlets.config import Config
 
@@ -75,6 +76,11 @@ def configure(
         # JupyterHub 5: redefine the default user role with the extra scope
         roles.append({"name": "user", "scopes": ["self", access]})
     c.JupyterHub.load_roles = roles
+
+    # the admin page with the GPU panel beside JupyterHub's own React app
+    templates = str(Path(__file__).parent / "templates")
+    paths = list(c.JupyterHub.template_paths) if "template_paths" in c.JupyterHub else []
+    c.JupyterHub.template_paths = [templates, *[p for p in paths if p != templates]]
 
     if "spawner_class" not in c.JupyterHub:
         c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"
