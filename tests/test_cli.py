@@ -63,6 +63,10 @@ FRESH_SPEC = {
     "operator": {"defaultRuntime": "containerd"},
     "devicePlugin": {"enabled": True, "config": {"name": "", "default": ""}},
 }
+GPU_CONFIG_2 = (
+    "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+    "    - name: nvidia.com/gpu\n      replicas: 2\n"
+)
 CLI_TIMEOUT = "90"  # seconds the CLI may wait for capacity on a loaded 2-core machine
 
 
@@ -512,12 +516,11 @@ async def test_keys_we_do_not_own_are_kept_and_the_original_comes_back(
     """An existing ConfigMap the policy already names: we add our key, and disable
     leaves it exactly as it was, with the original default selected again."""
     theirs = {
-        "two": "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
-        "    - name: nvidia.com/gpu\n      replicas: 2\n",
+        "two": GPU_CONFIG_2,
         "plain": "version: v1\nflags:\n  migStrategy: none\n",
     }
     await core.create_namespaced_config_map(
-        NS, {"metadata": {"name": "their-config"}, "data": theirs}
+        NS, {"metadata": {"name": "their-config", "labels": {"team": "ml"}}, "data": theirs}
     )
     original = await policy(
         {"devicePlugin": {"enabled": True, "config": {"name": "their-config", "default": "two"}}}
@@ -531,6 +534,7 @@ async def test_keys_we_do_not_own_are_kept_and_the_original_comes_back(
     cm = await core.read_namespaced_config_map("their-config", NS)
     assert {k: cm.data[k] for k in theirs} == theirs
     assert set(cm.data) == {*theirs, "gpushare-time-slicing-4"}
+    assert cm.metadata.labels == {"team": "ml"}
 
     disable = await gpushare(cluster, "disable", "--yes", "--timeout", CLI_TIMEOUT)
     assert disable.code == 0, disable.text
@@ -538,6 +542,7 @@ async def test_keys_we_do_not_own_are_kept_and_the_original_comes_back(
     cm = await core.read_namespaced_config_map("their-config", NS)
     assert cm.data == theirs
     assert not (cm.metadata.annotations or {})
+    assert cm.metadata.labels == {"team": "ml"}
     assert (await read_policy(custom))["spec"] == original["spec"]
 
 
@@ -646,14 +651,34 @@ async def test_missing_permission_names_the_verb_and_resource(
         await rbac.delete_cluster_role(role)
 
 
-async def test_typo_in_an_existing_config_is_refused(cluster, core, custom, policy, gpu_node):
-    """The device plugin would silently ignore the misspelt key; we name it."""
-    typo = (
-        "version: v1\nsharing:\n  timeSlicing:\n    renameByDefualt: true\n    resources:\n"
-        "    - name: nvidia.com/gpu\n      replicas: 2\n"
-    )
+TYPO = (
+    "version: v1\nsharing:\n  timeSlicing:\n    renameByDefualt: true\n    resources:\n"
+    "    - name: nvidia.com/gpu\n      replicas: 2\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # the device plugin would silently ignore the misspelt key; we name it
+        (
+            {"t4": TYPO},
+            'config "t4" in ConfigMap gpu-operator/time-slicing-config: unknown field '
+            '"sharing.timeSlicing.renameByDefualt"',
+        ),
+        # a key with the name we would write, that we did not write: not ours to replace
+        (
+            {"gpushare-time-slicing-4": GPU_CONFIG_2},
+            'already has a key "gpushare-time-slicing-4" that gpushare did not write',
+        ),
+    ],
+    ids=["typo", "name-clash"],
+)
+async def test_configs_we_must_not_build_on_are_refused(
+    cluster, core, custom, policy, gpu_node, data, expected
+):
     await core.create_namespaced_config_map(
-        NS, {"metadata": {"name": ts.CONFIG_MAP_NAME}, "data": {"t4": typo}}
+        NS, {"metadata": {"name": ts.CONFIG_MAP_NAME}, "data": data}
     )
     await policy(
         {"devicePlugin": {"enabled": True, "config": {"name": ts.CONFIG_MAP_NAME, "default": ""}}}
@@ -664,6 +689,65 @@ async def test_typo_in_an_existing_config_is_refused(cluster, core, custom, poli
     assert result.code == 1, result.text
     lines = result.err.strip().splitlines()
     assert len(lines) == 1, result.err
-    assert 'config "t4"' in lines[0]
-    assert 'unknown field "sharing.timeSlicing.renameByDefualt"' in lines[0]
+    assert expected in lines[0]
     assert await snapshot(core, custom, [node]) == before
+
+
+async def test_a_write_that_fails_midway_is_undone(cluster, kube, core, custom, policy, gpu_node):
+    """RBAC allows everything, but an admission policy (as Kyverno or Gatekeeper would)
+    refuses the ClusterPolicy change after the ConfigMap was written: it is removed again."""
+    await policy()
+    node = await gpu_node()
+    admission = client.AdmissionregistrationV1Api(kube)
+    name = unique("freeze-cluster-policy")
+    await admission.create_validating_admission_policy(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": [ts.CLUSTER_POLICY_GROUP],
+                            "apiVersions": [ts.CLUSTER_POLICY_VERSION],
+                            "operations": ["UPDATE"],
+                            "resources": [ts.CLUSTER_POLICY_PLURAL],
+                        }
+                    ]
+                },
+                "validations": [{"expression": "false", "message": "frozen by the platform team"}],
+            },
+        }
+    )
+    await admission.create_validating_admission_policy_binding(
+        {"metadata": {"name": name}, "spec": {"policyName": name, "validationActions": ["Deny"]}}
+    )
+
+    async def frozen():
+        try:
+            await custom.patch_cluster_custom_object(
+                ts.CLUSTER_POLICY_GROUP,
+                ts.CLUSTER_POLICY_VERSION,
+                ts.CLUSTER_POLICY_PLURAL,
+                ts.CLUSTER_POLICY_NAME,
+                {"metadata": {"annotations": {"probe": "x"}}},
+                dry_run="All",
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as e:
+            return "frozen" in str(e.body)
+        return False
+
+    try:
+        await wait_for(frozen, 30, "the admission policy to take effect")
+        before = await snapshot(core, custom, [node])
+        result = await gpushare(cluster, "setup", "--replicas", "4", "--yes")
+        assert result.code == 1, result.text
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1, result.err
+        assert "frozen by the platform team" in lines[0]
+        assert "undone: delete the ConfigMap" in lines[0]
+        assert await snapshot(core, custom, [node]) == before
+    finally:
+        await admission.delete_validating_admission_policy_binding(name)
+        await admission.delete_validating_admission_policy(name)
