@@ -50,16 +50,13 @@ SCENARIOS = [
         "torch",
         {"PYTORCH_CUDA_ALLOC_CONF": "per_process_memory_fraction:{fraction}"},
     ),
-    # The spawner's environment as is: on JAX 0.11.2 both names together make the
-    # CUDA plugin fail ("XLA_CLIENT_MEM_FRACTION is specified together with
-    # XLA_PYTHON_CLIENT_MEM_FRACTION"), and JAX falls back to the CPU.
-    ("jax, both XLA fraction names (spawner env)", "jax", {}),
-    ("jax, XLA_PYTHON_CLIENT_MEM_FRACTION only", "jax", {"XLA_CLIENT_MEM_FRACTION": None}),
-    (
-        "jax, XLA_PYTHON_CLIENT_MEM_FRACTION only, no preallocation",
-        "jax",
-        {"XLA_CLIENT_MEM_FRACTION": None, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
-    ),
+    # The spawner's environment as is: XLA_PYTHON_CLIENT_MEM_FRACTION only.
+    ("jax, spawner env", "jax", {}),
+    ("jax, spawner env, no preallocation", "jax", {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}),
+    # Negative result, why the spawner sets one name: on JAX 0.11.2 both names
+    # together make the CUDA plugin fail ("XLA_CLIENT_MEM_FRACTION is specified
+    # together with XLA_PYTHON_CLIENT_MEM_FRACTION"), and JAX falls back to the CPU.
+    ("jax, both fraction names (negative)", "jax", {"XLA_CLIENT_MEM_FRACTION": "{fraction}"}),
     ("cupy", "cupy", {}),
     ("pytorch, no guard (control)", "torch", None),
 ]
@@ -358,8 +355,8 @@ def spawner_env(fraction: float, replicas: int, startup: Path) -> dict[str, str]
         "GPUSHARE_MEMORY_FRACTION": f"{fraction:g}",
         "GPUSHARE_GPU_SLICES": "1",
         "GPUSHARE_GPU_REPLICAS": str(replicas),
+        # only the old name, as GPUShare.environment() (jupyterhub_gpushare/objects.py)
         "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:g}",
-        "XLA_CLIENT_MEM_FRACTION": f"{fraction:g}",
         "CUPY_GPU_MEMORY_LIMIT": f"{fraction * 100:g}%",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
         # first, before whatever the image already has there

@@ -230,13 +230,15 @@ class GPUShareSpawner(KubeSpawner):
     )
 
     queue_unreachable_timeout = Float(
-        30,
+        90,
         config=True,
         help="""
         If the gpushare service cannot be reached for this long, the spawn goes
-        ahead without the queue (and says so on the progress page)::
+        ahead without the queue (and says so on the progress page). The hub
+        restarts a managed service that died within about 30 seconds (its
+        poll interval), so keep this well above that::
 
-            c.GPUShareSpawner.queue_unreachable_timeout = 30
+            c.GPUShareSpawner.queue_unreachable_timeout = 90
         """,
     )
 
@@ -389,6 +391,7 @@ class GPUShareSpawner(KubeSpawner):
         if self.queue_url:
             self.start_timeout = self._base_start_timeout + self.queue_timeout
         self._ticket = None
+        self._ticket_body = None
         self._queue_status = None
         self._queue_note = None
         self._queue_event = asyncio.Event()
@@ -424,6 +427,7 @@ class GPUShareSpawner(KubeSpawner):
         ticket_id = f"{self.user.id}-{uuid.uuid4().hex[:12]}"
         self._ticket = ticket_id
         request = self._ticket_request(share, ticket_id, requested_at)
+        self._ticket_body = request
         client = self._queue_client()
         deadline = requested_at + self.queue_timeout
         unreachable_since = None
@@ -601,6 +605,13 @@ class GPUShareSpawner(KubeSpawner):
             return current.get("metadata", {}).get("uid") != meta["uid"]
 
         await exponential_backoff(replaced, f"pod {ref_key} was not deleted", timeout=60)
+        body = getattr(self, "_ticket_body", None)
+        if body is not None:
+            # keep the slices this spawn was given: its failed pod no longer holds them
+            try:
+                await self._queue_client().join({**body, "admitted": True})
+            except (QueueUnavailable, QueueRejected) as e:
+                self.log.warning("Could not re-book slices for %s: %s", self._log_name, e)
         manifest = copy.deepcopy(self._pod_manifest)
         await self.api.create_namespaced_pod(meta["namespace"], manifest)
 

@@ -126,9 +126,9 @@ def hub_factory(cluster: LocalCluster, namespace: str):
     """Start real hubs; each is stopped at the end of the module."""
     hubs: list[LocalHub] = []
 
-    def start(extra_config: str = "", **kwargs) -> LocalHub:
+    def start(extra_config: str = "", kubeconfig: Path | None = None, **kwargs) -> LocalHub:
         run_dir = Path(tempfile.mkdtemp(prefix="gpushare-hub-"))
-        hub = LocalHub(run_dir, cluster.kubeconfig, namespace, extra_config, **kwargs)
+        hub = LocalHub(run_dir, kubeconfig or cluster.kubeconfig, namespace, extra_config, **kwargs)
         hubs.append(hub)
         hub.start()
         return hub

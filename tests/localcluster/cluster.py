@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,7 +29,12 @@ from .pki import CertificateAuthority, KeyPair, service_account_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
-POD_CIDR = "127.100.0.0/16"
+
+
+def random_pod_cidr() -> str:
+    """A /16 of loopback for one cluster's pods; clusters started side by side
+    (a demo beside a test run) must not hand out the same pod IPs."""
+    return f"127.{random.randint(64, 250)}.0.0/16"
 
 
 class ClusterError(RuntimeError):
@@ -163,6 +169,7 @@ class LocalCluster:
     etcd_port: int = 0
     components: dict[str, Component] = field(default_factory=dict)
     start_seconds: float = 0.0
+    pod_cidr: str = field(default_factory=random_pod_cidr)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -399,7 +406,7 @@ class LocalCluster:
                 "-m",
                 "tests.localcluster.kubelet",
                 f"--kubeconfig={self.kubeconfig}",
-                f"--pod-cidr={POD_CIDR}",
+                f"--pod-cidr={self.pod_cidr}",
                 f"--state-dir={self.run_dir / 'pods'}",
                 f"--ready-file={ready_file}",
             ],
