@@ -11,9 +11,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CHP := $(CACHE)/node/node_modules/.bin/configurable-http-proxy
 
-.PHONY: deps test lint docs demo bench clean-cache
+.PHONY: deps test lint docs demo bench screenshots clean-cache
 
-deps: $(STAMP) $(CHP) control-plane
+CHROMIUM ?= /usr/bin/chromium
+export GPUSHARE_CHROMIUM := $(CHROMIUM)
+
+deps: $(STAMP) $(CHP) control-plane $(CHROMIUM)
+
+# Debian's Chromium for the browser tests; Playwright never downloads a browser.
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "make: $(CHROMIUM) is missing: install Chromium from your distribution (or set CHROMIUM=/path/to/chromium)"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "make: $(CHROMIUM) is missing: run 'apt-get install -y chromium' as root"; exit 1; }
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) is missing: install Python >= 3.10"; exit 1; }
@@ -42,6 +52,12 @@ docs: $(STAMP)
 
 demo: deps
 	$(BIN)/python -m tests.localcluster.demo
+
+screenshots: deps
+	GPUSHARE_SCREENSHOTS=docs/_static/screenshots $(BIN)/python -m pytest tests/test_pages.py
+
+bench: deps
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean-cache:
 	rm -rf $(CACHE)

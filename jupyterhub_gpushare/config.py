@@ -81,6 +81,8 @@ def configure(
     templates = str(Path(__file__).parent / "templates")
     paths = list(c.JupyterHub.template_paths) if "template_paths" in c.JupyterHub else []
     c.JupyterHub.template_paths = [templates, *[p for p in paths if p != templates]]
+    template_vars = dict(c.JupyterHub.template_vars) if "template_vars" in c.JupyterHub else {}
+    c.JupyterHub.template_vars = {**template_vars, "gpushare_service": name}
 
     if "spawner_class" not in c.JupyterHub:
         c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"

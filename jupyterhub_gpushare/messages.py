@@ -1,4 +1,12 @@
-"""What users read while they wait: plain text and escaped HTML for the spawn page."""
+"""What users read while they wait: plain text and escaped HTML for the spawn page.
+
+JupyterHub's spawn page puts ``html_message`` into the page as markup (and the
+plain ``message`` as text when there is no HTML), so every value that goes into
+the HTML is escaped here, numbers included: they come from the service's JSON.
+The HTML carries its own inline styles, since the spawn page loads no
+stylesheet of ours; colours lean on ``currentColor`` and translucent fills so
+that they read in the hub's light and dark themes alike.
+"""
 
 from __future__ import annotations
 
@@ -20,29 +28,59 @@ def gpu_name(pool: dict) -> str:
     return ", ".join(products) or "GPU"
 
 
+def _count(value: object) -> int:
+    """A non-negative whole number from the service's JSON, whatever it holds."""
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _wait_seconds(value: object) -> float | None:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds >= 0 and seconds != float("inf") else None
+
+
+BAR_STYLE = (
+    "display:inline-block;width:9em;height:0.6em;border-radius:0.3em;overflow:hidden;"
+    "vertical-align:middle;background:rgba(127,168,107,0.35);"
+    "box-shadow:inset 0 0 0 1px rgba(127,168,107,0.8)"
+)
+
+
 def queue_message(status: dict) -> dict:
     """A progress event (``message`` and ``html_message``) for a waiting spawn."""
     pool = status.get("pool") or {}
-    free, total = pool.get("slices_free", 0), pool.get("slices_total", 0)
+    free, total = _count(pool.get("slices_free")), _count(pool.get("slices_total"))
     name = gpu_name(pool)
     if not status.get("ready", True):
         text = f"Waiting for a GPU slice: checking what is free ({status.get('problem', '')})"
         return {"message": text, "html_message": escape(text)}
-    position, waiting = status.get("position", 0), status.get("waiting", 0)
-    wait = format_wait(status.get("eta_seconds"))
+    position, waiting = _count(status.get("position")), _count(status.get("waiting"))
+    wait = format_wait(_wait_seconds(status.get("eta_seconds")))
     text = (
         f"Waiting for a GPU slice: you are number {position} of {waiting} in line. "
         f"{free} of {total} slices free on {name}. Estimated wait: {wait}."
     )
-    used_percent = round(100 * (total - free) / total) if total else 100
+    used_percent = min(round(100 * (total - min(free, total)) / total), 100) if total else 100
     html = (
-        '<div class="gpushare-queue">'
-        f'<span class="gpushare-position" style="font-size:2em;font-weight:bold">{position}</span>'
-        f" of {waiting} in line for a GPU slice &middot; "
-        f'<span class="gpushare-free">{free} of {total} slices free</span> on {escape(name)}'
-        f' <span class="gpushare-bar" style="display:inline-block;width:8em;height:0.7em;'
-        f'background:#dfe8d8;vertical-align:middle"><span style="display:block;height:100%;'
-        f'width:{used_percent}%;background:#d9822b"></span></span>'
-        f" &middot; estimated wait: {escape(wait)}</div>"
+        '<div class="gpushare-queue" style="display:inline-flex;align-items:center;'
+        "gap:1em;text-align:left;padding:0.6em 1em;margin:0.5em 0;border-radius:0.5em;"
+        'border:1px solid rgba(217,130,43,0.6);background:rgba(217,130,43,0.08)">'
+        f'<span class="gpushare-position" style="font-size:3em;font-weight:700;line-height:1;'
+        f'color:#d9822b;font-variant-numeric:tabular-nums" title="your place in line">'
+        f"{position}</span>"
+        '<span style="display:flex;flex-direction:column;gap:0.2em">'
+        f'<span style="font-weight:600">of {waiting} in line for a GPU slice'
+        f" on {escape(name)}</span>"
+        f'<span><span class="gpushare-free">{free} of {total} slices free</span> '
+        f'<span class="gpushare-bar" role="img" aria-label="{used_percent}% of the slices in use" '
+        f'style="{BAR_STYLE}"><span style="display:block;height:100%;width:{used_percent}%;'
+        'background:#d9822b"></span></span></span>'
+        f'<span style="opacity:0.8">Estimated wait: {escape(wait)}</span>'
+        "</span></div>"
     )
     return {"message": text, "html_message": html}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -31,6 +32,7 @@ from tests.localcluster.hub import TEST_PASSWORD, LocalHub
 from tests.localcluster.nodes import create_gpu_node, delete_node
 from tests.spawning import position_is, request_server, stop_all, user_token, wait_event, wait_ready
 
+REPO = Path(__file__).resolve().parents[1]
 EVIL = "<img src=x onerror=alert(1)>"
 CHROMIUM = os.environ.get("GPUSHARE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 UI_TIMEOUT_MS = 30_000
@@ -42,7 +44,7 @@ c.GPUShareSpawner.memory_guard = False
 # light stand-in servers: the hub still waits for them to answer
 c.KubeSpawner.cmd = [sys.executable, "-m", "tests.localcluster.standin_server"]
 c.KubeSpawner.args = []
-c.KubeSpawner.environment = {{"PYTHONPATH": {str(Path.cwd())!r}}}
+c.KubeSpawner.environment = {{"PYTHONPATH": {str(REPO)!r}}}
 c.KubeSpawner.profile_list = [
     {{"display_name": "RTX", "slug": "rtx", "default": True,
      "kubespawner_override": {{"node_selector": {{"gpushare.dev/pool": "rtx"}}}}}},
@@ -69,7 +71,7 @@ H200_WAITING = ["frances"]
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator:
     try:
-        from playwright.async_api import async_playwright
+        from playwright.async_api import async_playwright, expect
     except ImportError:
         pytest.fail("Playwright is missing: pip install -e '.[test]' (it is in the test extra)")
     if not os.access(CHROMIUM, os.X_OK):
@@ -77,6 +79,8 @@ async def browser() -> AsyncIterator:
             f"Chromium is missing at {CHROMIUM}: apt-get install chromium "
             "(or set GPUSHARE_CHROMIUM); the tests never download a browser"
         )
+    # a loaded two-core machine: every check waits for its condition, up to this long
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     async with async_playwright() as playwright:
         chromium = await playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -313,6 +317,11 @@ async def test_admin_page_has_user_table_and_gpu_panel(hub, scene, browser):
             "the line of each pool) above JupyterHub's own user table.",
             full_page=True,
         )
+        # the panel follows the hub's light/dark switch
+        await page.click("#dark-theme-toggle")
+        theme = await page.evaluate("document.documentElement.getAttribute('data-bs-theme')")
+        assert theme in ("dark", "light")
+        await expect(frame.locator("html")).to_have_attribute("data-theme", theme)
         assert session.dialogs == []
     finally:
         await session.close()
@@ -533,6 +542,13 @@ async def test_stopping_a_server_updates_panel_and_line_live(hub, scene, browser
         await expect(rtx_line.locator("tbody tr td.gs-pos")).to_have_text(["1"])
         await expect(frame.locator('[data-gs="waiting"] .gs-metric-value')).to_have_text("2")
         await expect(position).to_have_text("1", timeout=60_000)
+
+        # React re-renders the user table (here: a search); the panel beside it stays
+        table = admin_page.locator("#react-admin-hook")
+        await admin_page.get_by_placeholder(re.compile("search users", re.I)).fill("dennis")
+        await expect(table.get_by_text("grace", exact=True)).to_have_count(0)
+        await expect(table.get_by_text("dennis", exact=True).first).to_be_visible()
+        await expect(rtx_line.locator("tbody tr td.gs-user")).to_have_text(["dennis"])
 
         assert await admin_page.evaluate("window.gpushareMarker") == 1
         inner = admin_page.frame_locator("#gpushare-admin-frame").locator("body")

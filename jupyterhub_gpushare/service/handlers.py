@@ -326,3 +326,90 @@ class MetricsHandler(BaseHandler):
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise APIError(404, "no such endpoint")
+
+
+class ActivityHandler(BaseHandler):
+    """When the hub last saw each active user and server: admins only.
+
+    The admin panel shows it beside who holds which slice. The hub is asked at
+    most once per ``cache_seconds`` however many panels poll, and by at most
+    ``max_concurrent`` requests at a time.
+    """
+
+    cache_seconds = 10.0
+    max_concurrent = 4
+    page_limit = 200
+    _cache: tuple[float, dict] | None = None
+    _inflight = None  # the running fetch, which every panel that asks meanwhile awaits
+    _semaphore = None
+
+    async def get(self) -> None:
+        self.require_admin()
+        activity = await self.activity()
+        self.write_json({"now": time.time(), **activity})
+
+    async def activity(self) -> dict:
+        import asyncio
+
+        cls = type(self)
+        if cls._cache is not None and time.monotonic() - cls._cache[0] < cls.cache_seconds:
+            return cls._cache[1]
+        if cls._inflight is None or cls._inflight.done():
+            cls._inflight = asyncio.ensure_future(self._fetch())
+        result = await asyncio.shield(cls._inflight)
+        cls._cache = (time.monotonic(), result)
+        return result
+
+    async def _fetch(self) -> dict:
+        from tornado.log import app_log
+
+        try:
+            users = await self.fetch_active_users(self.hub_auth.api_url, self.hub_auth.api_token)
+        except Exception as e:  # the panel still shows everything else
+            app_log.warning("Could not read users' activity from the hub: %s", e)
+            return {"available": False, "problem": "the hub did not answer", "users": {}}
+        return {"available": True, "fetched_at": time.time(), "users": users}
+
+    @classmethod
+    async def fetch_active_users(cls, api_url: str, token: str) -> dict[str, dict]:
+        """``{name: {"last_activity", "servers": {server: last_activity}}}`` of
+        every user with a running or pending server, page by page."""
+        import asyncio
+
+        from tornado.httpclient import AsyncHTTPClient
+        from tornado.httputil import url_concat
+
+        if cls._semaphore is None:
+            cls._semaphore = asyncio.Semaphore(cls.max_concurrent)
+        users: dict[str, dict] = {}
+        offset = 0
+        while True:
+            url = url_concat(
+                api_url.rstrip("/") + "/users",
+                {"state": "active", "offset": offset, "limit": cls.page_limit},
+            )
+            async with cls._semaphore:
+                response = await AsyncHTTPClient().fetch(
+                    url,
+                    headers={
+                        "Authorization": f"token {token}",
+                        # pages that say whether more follow, instead of a bare list
+                        "Accept": "application/jupyterhub-pagination+json",
+                    },
+                    request_timeout=10,
+                )
+            body = json.loads(response.body)
+            paginated = isinstance(body, dict)
+            items = body.get("items", []) if paginated else body
+            for user in items:
+                users[user["name"]] = {
+                    "last_activity": user.get("last_activity"),
+                    "servers": {
+                        name: server.get("last_activity")
+                        for name, server in (user.get("servers") or {}).items()
+                    },
+                }
+            following = (body.get("_pagination") or {}).get("next") if paginated else None
+            if not following or not items:
+                return users
+            offset = int(following.get("offset", offset + len(items)))
