@@ -391,6 +391,7 @@ class GPUShareSpawner(KubeSpawner):
         if self.queue_url:
             self.start_timeout = self._base_start_timeout + self.queue_timeout
         self._ticket = None
+        self._queue_done = False
         self._ticket_body = None
         self._queue_status = None
         self._queue_note = None
@@ -525,7 +526,10 @@ class GPUShareSpawner(KubeSpawner):
         records and changes nothing.
         """
         last = None
-        while self._ticket is not None and not self._start_future_done():
+        # The queue phase ends when the spawn is admitted, goes ahead without
+        # the queue, or needs no GPU; before it starts, the profile and
+        # Kubernetes watches may still be loading.
+        while not getattr(self, "_queue_done", True) and not self._start_future_done():
             event = self._queue_event
             current = (self._queue_status, self._queue_note)
             if current != last:
@@ -533,12 +537,13 @@ class GPUShareSpawner(KubeSpawner):
                 message = self._progress_message()
                 if message:
                     yield message
-            if self._queue_status and self._queue_status.get("state") == "admitted":
-                break
             try:
                 await asyncio.wait_for(event.wait(), 1)
             except asyncio.TimeoutError:
                 pass
+        note = getattr(self, "_queue_note", None)
+        if note and (self._queue_status, note) != last:
+            yield {"progress": 5, "message": note}
         async for message in super().progress():
             yield message
 
@@ -628,7 +633,11 @@ class GPUShareSpawner(KubeSpawner):
             )
             if self.memory_guard:
                 await self._ensure_memory_guard()
-        ticket = await self.wait_for_slices(share)
+        try:
+            ticket = await self.wait_for_slices(share)
+        finally:
+            self._queue_done = True
+            self._queue_update()
         pod = await super().get_pod_manifest()
         pod = objects.apply_gpu_share(
             pod,
