@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import wait_for
 from tests.spawning import user_token
 
 pytestmark = [pytest.mark.cluster, pytest.mark.hub]
@@ -235,3 +236,26 @@ async def test_html_username_is_accepted_as_data(hub, callers):
     )
     assert response.status_code == 201
     await call(hub, callers["hub"], "DELETE", "api/tickets/html")
+
+
+async def test_metrics_in_jupyterhub_style(hub, callers, gpu_nodes):
+    node = await gpu_nodes(replicas=4)
+
+    async def scraped():
+        text = (await call(hub, callers["admin"], "GET", "metrics")).text
+        wanted = f'jupyterhub_gpushare_node_slices{{node="{node}",'
+        return text if wanted in text else None
+
+    text = await wait_for(scraped, 30, "the new node in the metrics")
+    line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith(f'jupyterhub_gpushare_node_slices{{node="{node}"')
+        and 'state="free"' in line
+    )
+    assert line.endswith(" 4.0")
+    # label values exist before the first event, as in JupyterHub's own metrics
+    for reason in ("admitted", "cancelled", "timeout", "abandoned"):
+        assert f'jupyterhub_gpushare_queue_exits_total{{reason="{reason}"}}' in text
+    assert "jupyterhub_gpushare_queue_wait_duration_seconds_bucket" in text
+    assert "jupyterhub_gpushare_cluster_view_ready 1.0" in text
