@@ -53,6 +53,18 @@ class GPUShareService(Application):
     def _log_level_default(self):
         return logging.INFO
 
+    @default("log_format")
+    def _log_format_default(self):
+        # the hub's own format, so the two logs read alike side by side
+        return (
+            "%(color)s[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s "
+            "%(module)s:%(lineno)d]%(end_color)s %(message)s"
+        )
+
+    @default("log_datefmt")
+    def _log_datefmt_default(self):
+        return "%Y-%m-%d %H:%M:%S"
+
     config_file = Unicode("gpushare_service_config.py", config=True, help="Config file to load.")
     generate_config = Bool(False, config=True, help="Write the default config file and exit.")
 
