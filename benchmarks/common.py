@@ -28,7 +28,6 @@ from pathlib import Path
 import httpx
 from kubernetes_asyncio import client, config, watch
 
-from tests.localcluster import cluster as cluster_module
 from tests.localcluster.cluster import LocalCluster, build_binaries
 from tests.localcluster.hub import LocalHub
 
@@ -299,11 +298,8 @@ def request_delta(before: Counter, after: Counter) -> Counter:
 def local_cluster(label: str) -> Iterator[LocalCluster]:
     """A fresh LocalCluster of our own (not pytest's), removed afterwards."""
     bin_dir, _ = build_binaries()
-    # Test runs on this machine give their pods 127.100.x.y; a second cluster
-    # with the same range hands out the same addresses, and its pods fail with
-    # "address already in use". LocalCluster reads this module constant when it
-    # starts the kubelet, so each benchmark process takes a range of its own.
-    cluster_module.POD_CIDR = f"127.{101 + os.getpid() % 150}.0.0/16"
+    # each LocalCluster picks a loopback /16 of its own for its pods, so this
+    # cluster and a test run's can live side by side
     run_dir = Path(tempfile.mkdtemp(prefix=f"gpushare-bench-{label}-"))
     cluster = LocalCluster(run_dir=run_dir, bin_dir=bin_dir)
     try:

@@ -12,12 +12,15 @@ the same node with 8 slices:
    the hub, and note whether that user is the one who had waited longest.
 
 Between a hand-over and the next stop we pause for a random 0.5-8 s (the same
-seeded sequence for both spawners): how long the scheduler's back-off makes a
-Pending pod wait depends on how recently it was last tried, so evenly spaced
-stops would show one regime only.
+seeded sequence for both spawners): how long a back-off makes a waiting user
+wait (the scheduler's for a Pending pod, KubeSpawner's while it checks whether
+the pod runs) depends on how long ago the last try was, so evenly spaced stops
+would show one regime only.
 
-Beside the hub-level time we take the pod-level one from a watch of the
-namespace: from the stopped pod being gone to the next pod being bound.
+Beside the hub-level time we take two pod-level parts from a watch of the
+namespace: from the stopped pod being gone to the next pod being bound (the
+scheduler's part), and from that pod being Ready to the hub saying the server
+is ready (the spawner's part).
 """
 
 from __future__ import annotations
