@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -286,25 +287,21 @@ class TicketEventsHandler(BaseHandler):
                 try:
                     status = await _wait(follower, self.keepalive_seconds)
                 except TimeoutError:
+                    # also how a closed connection is noticed, at the write
                     self.write(":keepalive\n\n")
-                else:
-                    self.write(f"data: {json.dumps(status)}\n\n")
+                    await self.flush()
+                    continue
+                self.write(f"data: {json.dumps(status)}\n\n")
                 await self.flush()
-                if status is not None and status.get("state") == "gone":
+                if status.get("state") == "gone":
                     break
         except StreamClosedError:
             pass
         finally:
             self.dispatcher.unfollow(ticket_id, follower)
 
-    def on_connection_close(self) -> None:
-        # wake the loop so the follower is removed promptly
-        pass
 
-
-async def _wait(follower, timeout):
-    import asyncio
-
+async def _wait(follower: asyncio.Queue, timeout: float) -> dict:
     try:
         return await asyncio.wait_for(follower.get(), timeout)
     except asyncio.TimeoutError:
