@@ -76,11 +76,14 @@ def ensure_port_free(port: int, what: str, env_var: str) -> None:
             ) from None
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGTERM it when our process dies,
-    # even when we are killed with SIGKILL.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _die_with_parent(death_signal: int):
+    """A pre-exec hook: the child gets ``death_signal`` when we die, even by SIGKILL."""
+
+    def hook() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, death_signal)  # PR_SET_PDEATHSIG
+
+    return hook
 
 
 @dataclass
@@ -90,6 +93,9 @@ class Component:
     log_path: Path
     env: dict[str, str] | None = None
     cwd: Path | None = None
+    # Orphans are killed outright (nobody is left to wait for a graceful stop);
+    # the hub gets SIGTERM instead, so that it still stops its proxy and services.
+    death_signal: int = signal.SIGKILL
     process: subprocess.Popen | None = None
     peak_rss_bytes: int = 0
 
@@ -103,7 +109,7 @@ class Component:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent(self.death_signal),
         )
         log.close()
 

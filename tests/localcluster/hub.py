@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -133,6 +134,7 @@ class LocalHub:
             self.run_dir / "jupyterhub.log",
             env=env,
             cwd=self.run_dir,
+            death_signal=signal.SIGTERM,
         )
         self.component.start()
 

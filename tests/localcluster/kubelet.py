@@ -432,7 +432,7 @@ def _die_with_kubelet() -> None:
     # a pod's process must not outlive its kubelet, even one killed with SIGKILL
     import ctypes
 
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 async def _stand_in_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
