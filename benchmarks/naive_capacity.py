@@ -37,22 +37,10 @@ async def capacity(core: client.CoreV1Api) -> dict:
     for node in caps.values():
         spec = PoolSpec.from_selector(RESOURCE, {"nvidia.com/gpu.product": node.product})
         specs.setdefault(spec.key, spec)
-    pools = []
-    for spec in sorted(specs.values(), key=lambda s: s.key):
-        pool = pool_capacity(spec, caps)
-        pools.append(
-            {
-                "key": spec.key,
-                "resource": spec.resource,
-                "selector": dict(spec.selector),
-                "products": pool.products,
-                "nodes": len(pool.nodes),
-                "slices_total": pool.total,
-                "slices_used": pool.used,
-                "slices_free": pool.free,
-                "waiting": 0,
-            }
-        )
+    pools = [
+        pool_capacity(spec, caps).summary(waiting=0)
+        for spec in sorted(specs.values(), key=lambda s: s.key)
+    ]
     return {"ready": True, "problem": None, "pools": pools}
 
 

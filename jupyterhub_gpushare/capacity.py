@@ -184,6 +184,20 @@ class PoolCapacity:
     def products(self) -> list[str]:
         return sorted({n.product for n in self.nodes})
 
+    def summary(self, waiting: int) -> dict:
+        """The pool as the API shows it: aggregate numbers only, no names."""
+        return {
+            "key": self.spec.key,
+            "resource": self.spec.resource,
+            "selector": dict(self.spec.selector),
+            "products": self.products,
+            "nodes": len(self.nodes),
+            "slices_total": self.total,
+            "slices_used": self.used,
+            "slices_free": self.free,
+            "waiting": waiting,
+        }
+
 
 def pool_capacity(spec: PoolSpec, capacities: Mapping[str, NodeCapacity]) -> PoolCapacity:
     return PoolCapacity(spec, [n for n in capacities.values() if spec.matches(n.labels)])

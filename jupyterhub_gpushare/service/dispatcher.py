@@ -186,17 +186,7 @@ class Dispatcher(LoggingConfigurable):
     # -- statuses -------------------------------------------------------------
     def pool_status(self, spec: PoolSpec) -> dict:
         pool = pool_capacity(spec, self.capacities.get(spec.resource, {}))
-        return {
-            "key": spec.key,
-            "resource": spec.resource,
-            "selector": dict(spec.selector),
-            "products": pool.products,
-            "nodes": len(pool.nodes),
-            "slices_total": pool.total,
-            "slices_used": pool.used,
-            "slices_free": pool.free,
-            "waiting": len(self.queue.waiting(spec.key)),
-        }
+        return pool.summary(waiting=len(self.queue.waiting(spec.key)))
 
     def ticket_status(self, ticket_id: str) -> dict:
         ticket = self.queue.tickets.get(ticket_id)
