@@ -38,7 +38,7 @@ $(CHP):
 
 .PHONY: control-plane
 control-plane:
-	@bash hack/build-control-plane.sh >/dev/null
+	@bash jupyterhub_gpushare/testing/build-control-plane.sh >/dev/null
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -65,7 +65,7 @@ docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 demo: deps
-	$(BIN)/python -m tests.localcluster.demo
+	$(BIN)/python -m jupyterhub_gpushare.testing.demo
 
 screenshots: deps
 	GPUSHARE_SCREENSHOTS=docs/_static/screenshots $(BIN)/python -m pytest tests/test_pages.py

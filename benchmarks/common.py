@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 from kubernetes_asyncio import client, config, watch
 
-from tests.localcluster.cluster import LocalCluster, build_binaries
-from tests.localcluster.hub import LocalHub
+from jupyterhub_gpushare.testing.cluster import LocalCluster, build_binaries
+from jupyterhub_gpushare.testing.hub import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -336,7 +336,7 @@ COMMON_CONFIG = f"""
 c.JupyterHub.log_level = "INFO"
 c.JupyterHub.concurrent_spawn_limit = 0
 c.JupyterHub.active_server_limit = 0
-c.KubeSpawner.cmd = [{sys.executable!r}, "-m", "tests.localcluster.standin_server"]
+c.KubeSpawner.cmd = [{sys.executable!r}, "-m", "jupyterhub_gpushare.testing.standin_server"]
 c.KubeSpawner.args = []
 c.KubeSpawner.environment = {{"PYTHONPATH": {str(REPO_ROOT)!r}}}
 c.KubeSpawner.start_timeout = 1800
@@ -508,17 +508,6 @@ class PodClock:
                 self.unschedulable.setdefault(user, now)
             if condition["type"] == "Ready" and condition["status"] == "True":
                 self.ready.setdefault(user, now)
-
-
-async def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll an async predicate until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 async def create_namespace(core: client.CoreV1Api, name: str) -> str:

@@ -32,8 +32,8 @@ import time
 
 import httpx
 
-from tests.localcluster.cluster import LocalCluster
-from tests.localcluster.nodes import create_gpu_node
+from jupyterhub_gpushare.testing.cluster import LocalCluster
+from jupyterhub_gpushare.testing.nodes import create_gpu_node
 
 from .common import (
     OURS,
@@ -47,7 +47,7 @@ from .common import (
     log,
     percentile,
     running_hub,
-    wait_until,
+    wait_for,
 )
 
 NAME = "handover"
@@ -140,17 +140,17 @@ async def _hand_overs(
                 if status not in (201, 202):
                     raise RuntimeError(f"starting {user}'s server: HTTP {status}")
                 if i < args.slices:
-                    await wait_until(lambda u=user: _is_ready(api, u), 120, f"{user}'s server", 0.1)
+                    await wait_for(lambda u=user: _is_ready(api, u), 120, f"{user}'s server", 0.1)
                     holders.append(user)
                 elif plain:
-                    await wait_until(
+                    await wait_for(
                         lambda u=user: _true(u in clock.unschedulable),
                         120,
                         f"{user}'s pod to be found unschedulable",
                         0.05,
                     )
                 else:
-                    await wait_until(
+                    await wait_for(
                         lambda u=user: _in_line_ours(hub, token, u), 120, f"{user} in line", 0.1
                     )
                 arrival[user] = time.monotonic()
@@ -163,7 +163,7 @@ async def _hand_overs(
                 longest = min(waiting, key=arrival.__getitem__)
                 started = time.monotonic()
                 stopping = asyncio.create_task(api.stop(victim))
-                winner = await wait_until(
+                winner = await wait_for(
                     lambda w=tuple(waiting): _newly_ready(api, w),
                     args.timeout,
                     f"a waiting user's server after {victim} stopped",
@@ -185,7 +185,7 @@ async def _hand_overs(
                     f"{label}: hand-over {n + 1}/{len(gaps)}: {victim} -> {winner} "
                     f"in {seconds:.2f}s{'' if winner == longest else ' (not the longest waiting)'}"
                 )
-                await wait_until(
+                await wait_for(
                     lambda v=victim: _is_stopped(api, v), 120, f"{victim}'s server to stop"
                 )
                 await asyncio.sleep(gap)

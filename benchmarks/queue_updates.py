@@ -40,8 +40,9 @@ import aiohttp
 import httpx
 
 from jupyterhub_gpushare.service.handlers import HUB_SECRET_HEADER
-from tests.localcluster.cluster import LocalCluster
-from tests.localcluster.nodes import create_gpu_node
+from jupyterhub_gpushare.testing.cluster import LocalCluster
+from jupyterhub_gpushare.testing.nodes import create_gpu_node
+from jupyterhub_gpushare.testing.waiting import TimedOut
 
 from .common import (
     OURS,
@@ -59,7 +60,7 @@ from .common import (
     request_delta,
     running_hub,
     service_pid,
-    wait_until,
+    wait_for,
 )
 
 NAME = "queue_updates"
@@ -275,7 +276,7 @@ async def _setup(core, namespace: str, node: str, slices: int) -> list[str]:
         pods = await core.list_namespaced_pod(namespace, label_selector="app=training")
         return sum(p.status.phase == "Running" for p in pods.items) == slices
 
-    await wait_until(all_running, 120, "the training pods to run")
+    await wait_for(all_running, 120, "the training pods to run")
     return names
 
 
@@ -315,14 +316,14 @@ async def _one_spawner(
                 if status not in (201, 202):
                     raise RuntimeError(f"starting {user}'s server: HTTP {status}")
             if plain:
-                await wait_until(
+                await wait_for(
                     lambda: _pending_pods(core, namespace, args.waiting),
                     600,
                     f"{args.waiting} Pending pods",
                     1,
                 )
             else:
-                await wait_until(
+                await wait_for(
                     lambda: _full_line(hub, token, args.waiting),
                     600,
                     f"{args.waiting} users in line",
@@ -423,13 +424,13 @@ async def _release(
         )
 
     # streams that never show their update are counted as missing below
-    with contextlib.suppress(TimeoutError):
-        await wait_until(reached, 60, "every stream to show its new place", 0.05)
+    with contextlib.suppress(TimedOut):
+        await wait_for(reached, 60, "every stream to show its new place", 0.05)
 
     async def someone_ready():
         return (await api.ready()) - ready_before
 
-    await wait_until(someone_ready, 120, "the admitted user's server", 0.1)
+    await wait_for(someone_ready, 120, "the admitted user's server", 0.1)
     await asyncio.sleep(1)  # trailing work: the new pod's status updates, their publication
     cpu_after = processes.cpu()
     release.window = time.monotonic() - started

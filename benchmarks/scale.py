@@ -36,9 +36,9 @@ import aiohttp
 from kubernetes_asyncio import client
 
 from jupyterhub_gpushare.service.handlers import HUB_SECRET_HEADER
-from tests.localcluster.cluster import Component, LocalCluster, free_port
-from tests.localcluster.kubelet import OBJECTS_ONLY_PREFIX
-from tests.localcluster.nodes import create_gpu_node
+from jupyterhub_gpushare.testing.cluster import Component, LocalCluster, free_port
+from jupyterhub_gpushare.testing.kubelet import OBJECTS_ONLY_PREFIX
+from jupyterhub_gpushare.testing.nodes import create_gpu_node
 
 from .common import (
     OURS,

@@ -26,8 +26,8 @@ import statistics
 import time
 from collections import Counter
 
-from tests.localcluster.cluster import LocalCluster
-from tests.localcluster.nodes import create_gpu_node
+from jupyterhub_gpushare.testing.cluster import LocalCluster
+from jupyterhub_gpushare.testing.nodes import create_gpu_node
 
 from .common import (
     OURS,
@@ -46,7 +46,7 @@ from .common import (
     request_delta,
     running_hub,
     service_pid,
-    wait_until,
+    wait_for,
 )
 
 NAME = "spawn_cost"
@@ -122,7 +122,7 @@ class Spawner:
         # the hub's default slow_spawn_timeout (10 s): the POST returns once ready
         status = await self.api.start(user)
         if status == 202:
-            await wait_until(lambda: _is_ready(self.api, user), 300, f"{user}'s server", 0.05)
+            await wait_for(lambda: _is_ready(self.api, user), 300, f"{user}'s server", 0.05)
         elapsed = time.monotonic() - started
         await asyncio.sleep(settle)
         delta = request_delta(before, api_requests(self.cluster))
@@ -139,7 +139,7 @@ class Spawner:
             self.hub_cpu.append(cpu_seconds(hub) - cpu_hub)
             self.service_cpu.append(cpu_seconds(service) - cpu_service)
         await self.api.stop(user)
-        await wait_until(lambda: _is_stopped(self.api, user), 120, f"{user}'s server to stop")
+        await wait_for(lambda: _is_stopped(self.api, user), 120, f"{user}'s server to stop")
         await asyncio.sleep(0.5)
 
     def mean_requests(self) -> Counter:

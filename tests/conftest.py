@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
@@ -14,9 +13,9 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client, config
 
-from tests.localcluster.cluster import ClusterError, LocalCluster, build_binaries
-from tests.localcluster.hub import LocalHub
-from tests.localcluster.nodes import create_gpu_node, delete_node
+from jupyterhub_gpushare.testing.cluster import ClusterError, LocalCluster, build_binaries
+from jupyterhub_gpushare.testing.hub import LocalHub
+from jupyterhub_gpushare.testing.nodes import create_gpu_node, delete_node
 
 _figures: dict[str, str] = {}
 
@@ -105,20 +104,6 @@ async def gpu_nodes(core: client.CoreV1Api) -> AsyncIterator[Callable[..., Await
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[object]], timeout: float, what: str, interval=0.2
-):
-    """Poll ``predicate`` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await predicate()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")

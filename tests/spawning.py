@@ -7,9 +7,9 @@ from pathlib import Path
 
 from kubernetes_asyncio import client
 
-from tests.conftest import wait_for
-from tests.localcluster.cluster import LocalCluster
-from tests.localcluster.hub import LocalHub
+from jupyterhub_gpushare.testing.cluster import LocalCluster
+from jupyterhub_gpushare.testing.hub import LocalHub
+from jupyterhub_gpushare.testing.waiting import wait_for
 
 
 async def ensure_user(hub: LocalHub, name: str) -> None:

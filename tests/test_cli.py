@@ -1,7 +1,7 @@
 """``gpushare setup|status|disable`` against the real local API server.
 
 A ClusterPolicy CRD of our own writing stands in for the GPU operator's, and
-:mod:`tests.deviceplugin_standin` for its device plugin DaemonSet: each stand-in
+:mod:`jupyterhub_gpushare.testing.deviceplugin` for its device plugin DaemonSet: each stand-in
 pod applies the config the ClusterPolicy selects to its node's capacity and GFD
 labels when it starts, like the real plugin. The CLI runs as a real subprocess.
 """
@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,9 +23,9 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from jupyterhub_gpushare import timeslicing as ts
-from tests.conftest import unique, wait_for
-from tests.deviceplugin_standin import DEPLOY_LABEL, StandInDaemonSet
-from tests.localcluster.cluster import REPO_ROOT
+from jupyterhub_gpushare.testing.deviceplugin import DEPLOY_LABEL, StandInDaemonSet
+from jupyterhub_gpushare.testing.waiting import wait_for
+from tests.conftest import unique
 
 pytestmark = pytest.mark.cluster
 
@@ -170,7 +171,7 @@ async def start_gpushare(cluster, *args: str, kubeconfig=None) -> asyncio.subpro
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
-        cwd=REPO_ROOT,
+        cwd=Path(__file__).resolve().parents[1],
     )
 
 

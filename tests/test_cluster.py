@@ -10,8 +10,9 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.conftest import unique, wait_for
-from tests.localcluster.kubelet import FAIL_ADMISSION_ANNOTATION
+from jupyterhub_gpushare.testing.kubelet import FAIL_ADMISSION_ANNOTATION
+from jupyterhub_gpushare.testing.waiting import wait_for
+from tests.conftest import unique
 
 pytestmark = pytest.mark.cluster
 

@@ -30,7 +30,7 @@ import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.conftest import wait_for
+from jupyterhub_gpushare.testing.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SNIPPETS = ROOT / "helm-snippets"
@@ -673,7 +673,7 @@ def small_pod(name: str, scheduler: str | None = None, node: str | None = None, 
 def user_scheduler(cluster, chart, tmp_path):
     """A kube-scheduler with two profiles: the chart's user-scheduler as it comes,
     and with user-scheduler.yaml merged in."""
-    from tests.localcluster.cluster import Component, free_port
+    from jupyterhub_gpushare.testing.cluster import Component, free_port
 
     defaults, _ = chart
     configuration = {

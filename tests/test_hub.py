@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import wait_for
+from jupyterhub_gpushare.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.hub]
 

@@ -28,8 +28,8 @@ import httpx
 import pytest
 
 from jupyterhub_gpushare import messages
-from tests.localcluster.hub import TEST_PASSWORD, LocalHub
-from tests.localcluster.nodes import create_gpu_node, delete_node
+from jupyterhub_gpushare.testing.hub import TEST_PASSWORD, LocalHub
+from jupyterhub_gpushare.testing.nodes import create_gpu_node, delete_node
 from tests.spawning import position_is, request_server, stop_all, user_token, wait_event, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ import sys
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
 c.GPUShareSpawner.memory_guard = False
 # light stand-in servers: the hub still waits for them to answer
-c.KubeSpawner.cmd = [sys.executable, "-m", "tests.localcluster.standin_server"]
+c.KubeSpawner.cmd = [sys.executable, "-m", "jupyterhub_gpushare.testing.standin_server"]
 c.KubeSpawner.args = []
 c.KubeSpawner.environment = {{"PYTHONPATH": {str(REPO)!r}}}
 c.KubeSpawner.profile_list = [

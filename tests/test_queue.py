@@ -12,7 +12,8 @@ import httpx
 import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.conftest import unique, wait_for
+from jupyterhub_gpushare.testing.waiting import wait_for
+from tests.conftest import unique
 from tests.spawning import (
     position_is,
     request_server,

@@ -7,8 +7,9 @@ import socket
 
 import pytest
 
-from tests.conftest import unique, wait_for
-from tests.localcluster.kubelet import FAIL_ADMISSION_ANNOTATION
+from jupyterhub_gpushare.testing.kubelet import FAIL_ADMISSION_ANNOTATION
+from jupyterhub_gpushare.testing.waiting import wait_for
+from tests.conftest import unique
 from tests.spawning import (
     progress_events,
     request_server,

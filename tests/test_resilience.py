@@ -1,7 +1,7 @@
 """Resilience: a storm of spawns, a killed service, a restarted API server, a
 restarting device plugin and a slow API server. Fixed counts, bounded time.
 
-Servers here are the light stand-in (tests.localcluster.standin_server), so a
+Servers here are the light stand-in (jupyterhub_gpushare.testing.standin_server), so a
 hundred users fit on a two-core machine; the hub, proxy, service, scheduler and
 API server are all real.
 """
@@ -18,10 +18,11 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import unique, wait_for
-from tests.localcluster.hub import LocalHub
-from tests.localcluster.kubelet import FAIL_ADMISSION_ANNOTATION
-from tests.localcluster.slowproxy import SlowProxy, kubeconfig_via
+from jupyterhub_gpushare.testing.hub import LocalHub
+from jupyterhub_gpushare.testing.kubelet import FAIL_ADMISSION_ANNOTATION
+from jupyterhub_gpushare.testing.slowproxy import SlowProxy, kubeconfig_via
+from jupyterhub_gpushare.testing.waiting import wait_for
+from tests.conftest import unique
 from tests.spawning import (
     position_is,
     request_server,
@@ -42,7 +43,7 @@ HUB_CONFIG = f"""
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
 c.JupyterHub.concurrent_spawn_limit = 0
 c.GPUShareSpawner.memory_guard = False
-c.KubeSpawner.cmd = [{sys.executable!r}, "-m", "tests.localcluster.standin_server"]
+c.KubeSpawner.cmd = [{sys.executable!r}, "-m", "jupyterhub_gpushare.testing.standin_server"]
 c.KubeSpawner.args = []
 c.KubeSpawner.environment = {{"PYTHONPATH": {str(os.getcwd())!r}}}
 c.JupyterHub.log_level = "INFO"

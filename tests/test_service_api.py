@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import wait_for
+from jupyterhub_gpushare.testing.waiting import wait_for
 from tests.spawning import user_token
 
 pytestmark = [pytest.mark.cluster, pytest.mark.hub]

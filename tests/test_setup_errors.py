@@ -14,10 +14,17 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client, config
 
-from tests.conftest import wait_for
-from tests.localcluster.cluster import REPO_ROOT, ClusterError, LocalCluster, build_binaries
+from jupyterhub_gpushare.testing.cluster import (
+    BUILD_SCRIPT,
+    ClusterError,
+    LocalCluster,
+    build_binaries,
+)
+from jupyterhub_gpushare.testing.waiting import wait_for
 
-BUILD = REPO_ROOT / "hack" / "build-control-plane.sh"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+BUILD = BUILD_SCRIPT
 
 
 def run_build(env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -86,7 +93,7 @@ def test_demo_with_busy_port_exits_with_one_line():
         blocker.listen()
         port = blocker.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "tests.localcluster.demo", "--port", str(port)],
+            [sys.executable, "-m", "jupyterhub_gpushare.testing.demo", "--port", str(port)],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -123,7 +130,7 @@ async def test_interrupted_run_leaves_no_process(how, tmp_path):
         sys.executable,
         "-u",
         "-m",
-        "tests.localcluster.demo",
+        "jupyterhub_gpushare.testing.demo",
         "--cluster-only",
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,

@@ -1,7 +1,7 @@
 """Run the local GPU cluster and a JupyterHub using GPUShareSpawner, until Ctrl-C.
 
-python -m tests.localcluster.demo            # what `make demo` runs
-python -m tests.localcluster.demo --cluster-only
+python -m jupyterhub_gpushare.testing.demo            # what `make demo` runs
+python -m jupyterhub_gpushare.testing.demo --cluster-only
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Two halves:
 
-- ``python -m tests.deviceplugin_standin`` is what each stand-in pod runs (our
+- ``python -m jupyterhub_gpushare.testing.deviceplugin`` is what each stand-in pod runs (our
   simulated kubelet starts it as a local process). Like the real plugin with the
   operator's config-manager, it picks its node's config (node label
   ``nvidia.com/device-plugin.config``, else the ClusterPolicy's default, else
@@ -28,13 +28,11 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_LABEL = "nvidia-device-plugin-daemonset"
 DEPLOY_LABEL = "nvidia.com/gpu.deploy.device-plugin"
 CONFIG_LABEL = "nvidia.com/device-plugin.config"
@@ -194,10 +192,9 @@ def standin_pod(node: str, kubeconfig: str) -> dict:
                 {
                     "name": "nvidia-device-plugin",
                     "image": "nvcr.io/nvidia/k8s-device-plugin:stand-in",
-                    "command": [sys.executable, "-m", "tests.deviceplugin_standin"],
+                    "command": [sys.executable, "-m", "jupyterhub_gpushare.testing.deviceplugin"],
                     "ports": [{"containerPort": PORT}],
                     "env": [
-                        {"name": "PYTHONPATH", "value": str(REPO_ROOT)},
                         {"name": KUBECONFIG_ENV, "value": kubeconfig},
                         {"name": "PYTHONUNBUFFERED", "value": "1"},
                         {

@@ -25,10 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import waiting
 from .pki import CertificateAuthority, KeyPair, service_account_keys
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build-control-plane.sh"
 
 
 def random_pod_cidr() -> str:
@@ -156,13 +157,13 @@ class Component:
                 pass
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval=0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval=0.2):
+    """:func:`.waiting.wait_until`, failing with a :class:`ClusterError` for the person
+    starting the cluster."""
+    try:
+        return waiting.wait_until(predicate, timeout, what, interval)
+    except waiting.TimedOut as e:
+        raise ClusterError(str(e)) from None
 
 
 @dataclass
@@ -410,14 +411,14 @@ class LocalCluster:
             [
                 sys.executable,
                 "-m",
-                "tests.localcluster.kubelet",
+                "jupyterhub_gpushare.testing.kubelet",
                 f"--kubeconfig={self.kubeconfig}",
                 f"--pod-cidr={self.pod_cidr}",
                 f"--state-dir={self.run_dir / 'pods'}",
                 f"--ready-file={ready_file}",
             ],
             self.run_dir / "kubelet.log",
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.components["kubelet"] = kubelet
         kubelet.start()

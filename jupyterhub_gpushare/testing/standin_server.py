@@ -1,7 +1,7 @@
 """A light stand-in for jupyterhub-singleuser, for tests and benchmarks that
 start many servers: it listens where the hub told it to and answers 200.
 
-    c.KubeSpawner.cmd = [sys.executable, "-m", "tests.localcluster.standin_server"]
+    c.KubeSpawner.cmd = [sys.executable, "-m", "jupyterhub_gpushare.testing.standin_server"]
 """
 
 from __future__ import annotations
