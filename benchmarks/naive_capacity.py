@@ -18,7 +18,7 @@ from kubernetes_asyncio import client, config
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from jupyterhub_gpushare.capacity import PoolSpec, node_capacities, pool_capacity
+from jupyterhub_gpushare.capacity import PoolSpec, node_capacities, pool_totals
 
 RESOURCE = "nvidia.com/gpu"
 PATH = "/services/gpushare/api/capacity"
@@ -37,10 +37,7 @@ async def capacity(core: client.CoreV1Api) -> dict:
     for node in caps.values():
         spec = PoolSpec.from_selector(RESOURCE, {"nvidia.com/gpu.product": node.product})
         specs.setdefault(spec.key, spec)
-    pools = [
-        pool_capacity(spec, caps).summary(waiting=0)
-        for spec in sorted(specs.values(), key=lambda s: s.key)
-    ]
+    pools = [pool_totals(spec, caps) for spec in sorted(specs.values(), key=lambda s: s.key)]
     return {"ready": True, "problem": None, "pools": pools}
 
 

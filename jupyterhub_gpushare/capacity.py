@@ -17,7 +17,8 @@ TICKET_ANNOTATION = "gpushare.jupyter.org/ticket"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
-def _quantity(value: object) -> int:
+def quantity(value: object) -> int:
+    """A whole-number Kubernetes quantity (GPU counts), 0 when it is not one."""
     try:
         return int(str(value))
     except ValueError:
@@ -31,7 +32,7 @@ def pod_slices(pod: Mapping, resource: str) -> int:
         resources = container.get("resources") or {}
         limits = resources.get("limits") or {}
         requests = resources.get("requests") or {}
-        total += _quantity(limits.get(resource, requests.get(resource, 0)))
+        total += quantity(limits.get(resource, requests.get(resource, 0)))
     return total
 
 
@@ -81,10 +82,17 @@ class NodeCapacity:
     used: int
     schedulable: bool
     holders: list[Holder] = field(default_factory=list)
+    booked: int = 0  # slices promised to admitted spawns whose pods are not bound yet
 
     @property
     def free(self) -> int:
+        """Slices no pod holds, on a node that takes pods (bookings not subtracted)."""
         return max(self.total - self.used, 0) if self.schedulable else 0
+
+    @property
+    def available(self) -> int:
+        """Free slices nobody was promised."""
+        return max(self.free - self.booked, 0)
 
     @property
     def product(self) -> str:
@@ -92,15 +100,15 @@ class NodeCapacity:
 
     @property
     def gpus(self) -> int:
-        return _quantity(self.labels.get(COUNT_LABEL, 0))
+        return quantity(self.labels.get(COUNT_LABEL, 0))
 
     @property
     def replicas(self) -> int:
-        return _quantity(self.labels.get(REPLICAS_LABEL, 1)) or 1
+        return quantity(self.labels.get(REPLICAS_LABEL, 1)) or 1
 
     @property
     def memory_mib(self) -> int | None:
-        return _quantity(self.labels.get(MEMORY_LABEL, 0)) or None
+        return quantity(self.labels.get(MEMORY_LABEL, 0)) or None
 
     @property
     def strategy(self) -> str:
@@ -140,7 +148,7 @@ def node_capacities(
     result: dict[str, NodeCapacity] = {}
     for node in nodes:
         allocatable = (node.get("status") or {}).get("allocatable") or {}
-        total = _quantity(allocatable.get(resource, 0))
+        total = quantity(allocatable.get(resource, 0))
         if total <= 0:
             continue
         meta = node.get("metadata") or {}
@@ -163,41 +171,21 @@ def node_capacities(
     return result
 
 
-@dataclass
-class PoolCapacity:
-    spec: PoolSpec
-    nodes: list[NodeCapacity]
-
-    @property
-    def total(self) -> int:
-        return sum(n.total for n in self.nodes)
-
-    @property
-    def used(self) -> int:
-        return sum(min(n.used, n.total) for n in self.nodes)
-
-    @property
-    def free(self) -> int:
-        return sum(n.free for n in self.nodes)
-
-    @property
-    def products(self) -> list[str]:
-        return sorted({n.product for n in self.nodes})
-
-    def summary(self, waiting: int) -> dict:
-        """The pool as the API shows it: aggregate numbers only, no names."""
-        return {
-            "key": self.spec.key,
-            "resource": self.spec.resource,
-            "selector": dict(self.spec.selector),
-            "products": self.products,
-            "nodes": len(self.nodes),
-            "slices_total": self.total,
-            "slices_used": self.used,
-            "slices_free": self.free,
-            "waiting": waiting,
-        }
-
-
-def pool_capacity(spec: PoolSpec, capacities: Mapping[str, NodeCapacity]) -> PoolCapacity:
-    return PoolCapacity(spec, [n for n in capacities.values() if spec.matches(n.labels)])
+def pool_totals(spec: PoolSpec, capacities: Mapping[str, NodeCapacity], waiting: int = 0) -> dict:
+    """A pool's public summary computed from scratch over every node: what
+    :class:`.clusterview.ClusterView` keeps current event by event."""
+    nodes = [n for n in capacities.values() if spec.matches(n.labels)]
+    free = sum(n.free for n in nodes)
+    booked = sum(min(n.booked, n.free) for n in nodes)
+    return {
+        "key": spec.key,
+        "resource": spec.resource,
+        "selector": dict(spec.selector),
+        "products": sorted({n.product for n in nodes}),
+        "nodes": len(nodes),
+        "slices_total": sum(n.total for n in nodes),
+        "slices_used": sum(min(n.used, n.total) for n in nodes),
+        "slices_booked": booked,
+        "slices_free": max(free - booked, 0),
+        "waiting": waiting,
+    }

@@ -4,11 +4,14 @@
     jupyterhub_gpushare.configure(c)
 
 It adds the managed service, its role, the user scope it needs and the
-spawner's queue settings, on JupyterHub 5.x and 6.x.
+spawner's queue settings, on JupyterHub 5.x and 6.x. Call it last (z2jh: in
+``hub.extraConfig``, which runs after every other setting): it reads what is
+already configured.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -16,7 +19,13 @@ from pathlib import Path
 
 from traitlets.config import Config
 
+from .objects import GPUShareConfigError
+
 SERVICE_SCOPES = ["list:users", "read:users:activity", "read:servers"]
+# What the service's admin views show is what these scopes read: tokens the
+# service's pages get through OAuth carry them (filtered to the user's own
+# servers for anyone who is not an admin).
+OAUTH_SCOPES = ["list:users", "read:servers", "read:users:activity"]
 # A managed service inherits only a few variables from the hub; the in-cluster
 # Kubernetes client needs these.
 FORWARDED_ENV = ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "KUBECONFIG")
@@ -48,12 +57,17 @@ def configure(
     env["GPUSHARE_HUB_SECRET"] = secret
     env.update(environment or {})
 
+    service_config = _service_config(c)
+    if service_config:
+        env["GPUSHARE_SERVICE_CONFIG"] = service_config
+
     service = {
         "name": name,
         "url": url,
         "command": [sys.executable, "-m", "jupyterhub_gpushare.service"],
         "environment": env,
         "oauth_no_confirm": True,
+        "oauth_client_allowed_scopes": OAUTH_SCOPES,
         "display": True,
         "info": {"description": "GPU slices: what is free, and your place in line"},
     }
@@ -86,7 +100,43 @@ def configure(
 
     if "spawner_class" not in c.JupyterHub:
         c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"
+    _move_spawn_limit(c)
     local_port = int(url.rsplit(":", 1)[1].split("/")[0]) if url.count(":") == 2 else port
     c.GPUShareSpawner.queue_url = f"http://127.0.0.1:{local_port}"
     c.GPUShareSpawner.queue_service_name = name
     c.GPUShareSpawner.queue_secret = secret
+
+
+def _move_spawn_limit(c: Config) -> None:
+    """Users waiting for a slice are pending spawns to JupyterHub, and its
+    ``concurrent_spawn_limit`` counts them: with z2jh's 64 in line, nobody could
+    start any server. The spawner enforces the same limit on servers past the
+    GPU line instead (``concurrent_start_limit``), and the hub's is switched off."""
+    from jupyterhub.app import JupyterHub
+
+    if "concurrent_start_limit" not in c.GPUShareSpawner:
+        if "concurrent_spawn_limit" in c.JupyterHub:
+            limit = c.JupyterHub.concurrent_spawn_limit
+        else:
+            limit = JupyterHub.class_traits()["concurrent_spawn_limit"].default_value
+        c.GPUShareSpawner.concurrent_start_limit = limit
+    c.JupyterHub.concurrent_spawn_limit = 0
+
+
+def _service_config(c: Config) -> str | None:
+    """The settings of the service's classes found in the hub's config, as JSON
+    for the service process (``c.Dispatcher.hold_seconds = 600`` in the hub
+    config reaches the service)."""
+    from .service.app import GPUShareService
+
+    names = [cls.__name__ for cls in (GPUShareService, *GPUShareService.classes)]
+    found = {name: dict(c[name]) for name in names if c.get(name)}
+    if not found:
+        return None
+    try:
+        return json.dumps(found)
+    except TypeError as e:
+        raise GPUShareConfigError(
+            f"the gpushare service settings {sorted(found)} must be plain values "
+            f"(numbers, strings, lists, dicts) to reach the service: {e}"
+        ) from None

@@ -1,10 +1,18 @@
-"""A first-come, first-served line for GPU slices, one line per pool.
+"""First come, first served for GPU slices, across every pool.
 
-Pure logic, driven by the service: ``join``/``leave`` as spawns come and go, and
-``admit`` whenever capacity changes. Admission is strictly in request order
-within a pool (no overtaking, even by a smaller request), and an admitted spawn
-holds a reservation on a node until its pod is bound there, so two spawns can
-never be admitted into one free slice.
+Pure logic, driven by the service: spawns ``join`` and ``leave``; ``admit``
+runs whenever capacity or the line changes. There is one order, by request
+time, over all pools: a spawn is admitted before any later spawn that could use
+the same slices, whatever profile either chose. A spawn at the head that cannot
+be placed blocks only the spawns that compete for its nodes; a spawn for other
+GPUs goes ahead. An admitted spawn holds a booking on one node until its pod is
+bound there, so a free slice is never promised twice.
+
+A spawn whose hub went away (a restart drops pending spawns) does not hold a
+slice: its place is *held* for a while, and the same user's server that starts
+again in that time takes the place back. Tickets read back from the state file
+are unconfirmed until their spawn shows up again: they keep others behind them
+waiting for a few seconds, but are never admitted.
 """
 
 from __future__ import annotations
@@ -13,12 +21,15 @@ import itertools
 import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from .capacity import NodeCapacity, PoolSpec
+from .capacity import PoolSpec
+from .clusterview import ClusterView
+from .tickets import ADMITTED, HELD, WAITING, TicketRequest
 
-WAITING = "waiting"
-ADMITTED = "admitted"
+
+class LimitReached(Exception):
+    """A user asked for more than the per-user limits allow; the message is for them."""
 
 
 @dataclass
@@ -31,33 +42,73 @@ class Ticket:
     requested_at: float
     state: str = WAITING
     admitted_at: float | None = None
-    node: str | None = None  # where the reservation is held
+    node: str | None = None  # where the booking is
+    booked: bool = False
+    # read back from the state file and not seen since: may not be admitted
+    confirmed: bool = True
+    confirm_by: float | None = None
+    held_until: float | None = None
+    kept_place: bool = False  # took over the place of a spawn the hub dropped
 
     @property
     def order(self) -> tuple[float, str]:
         return (self.requested_at, self.id)
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["pool"] = {"resource": self.pool.resource, "selector": dict(self.pool.selector)}
-        return data
+    @classmethod
+    def from_request(cls, request: TicketRequest) -> Ticket:
+        return cls(
+            id=request.id,
+            user=request.user,
+            server=request.server,
+            slices=request.slices,
+            pool=request.pool,
+            requested_at=request.requested_at,
+        )
+
+    def to_state(self) -> dict:
+        return {
+            "id": self.id,
+            "user": self.user,
+            "server": self.server,
+            "slices": self.slices,
+            "pool": {"resource": self.pool.resource, "selector": dict(self.pool.selector)},
+            "requested_at": self.requested_at,
+            "state": self.state,
+            "node": self.node,
+            "held_until": self.held_until,
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> Ticket:
-        pool = data.get("pool") or {}
+    def from_state(cls, data: Mapping) -> Ticket:
+        """A ticket from the state file; raises KeyError/TypeError/ValueError if malformed."""
+        pool = data["pool"]
+        selector = pool.get("selector") or {}
+        if not isinstance(selector, dict):
+            raise TypeError("pool.selector is not an object")
+        state = data.get("state", WAITING)
+        if state not in (WAITING, ADMITTED, HELD):
+            raise ValueError(f"unknown state {state!r}")
         return cls(
-            id=data["id"],
-            user=data["user"],
-            server=data.get("server", ""),
+            id=str(data["id"]),
+            user=str(data["user"]),
+            server=str(data.get("server") or ""),
             slices=int(data["slices"]),
-            pool=PoolSpec.from_selector(
-                pool.get("resource", "nvidia.com/gpu"), pool.get("selector")
-            ),
+            pool=PoolSpec.from_selector(str(pool["resource"]), selector),
             requested_at=float(data["requested_at"]),
-            state=data.get("state", WAITING),
-            admitted_at=data.get("admitted_at"),
+            state=state,
             node=data.get("node"),
+            held_until=float(data["held_until"]) if data.get("held_until") else None,
         )
+
+
+@dataclass
+class Place:
+    """Where a waiting ticket stands: computed for all of them in one pass."""
+
+    position: int
+    waiting: int
+    reason: str | None = None
+    slices_ahead: int = 0  # asked for by those ahead in the same pool
 
 
 @dataclass
@@ -77,161 +128,357 @@ class ReleaseClock:
         return statistics.fmean(gaps) if gaps else None
 
 
+@dataclass
+class UserLimits:
+    """What one user's servers may have, running or in line, at once (0: no limit)."""
+
+    gpu_servers: int = 1
+    slices: int = 0
+
+
+# Why a spawn with room for it still waits (shown on the spawn page).
+OTHER_LINE_FIRST = "a slice is free, but an earlier request that can use the same GPUs goes first"
+BIGGER_FIRST = (
+    "a slice is free, but it is kept for an earlier request that needs more slices at once"
+)
+RECONNECTING = (
+    "a slice is free, but an earlier request is reconnecting after a restart of the GPU "
+    "service and goes first if it comes back within seconds"
+)
+
+
+def server_label(server: str) -> str:
+    return f"server {server!r}" if server else "your default server"
+
+
 class FairQueue:
-    def __init__(self, reservation_seconds: float = 120) -> None:
+    def __init__(
+        self,
+        view: ClusterView,
+        reservation_seconds: float = 120,
+        hold_seconds: float = 300,
+        limits: UserLimits | None = None,
+    ) -> None:
+        self.view = view
         self.tickets: dict[str, Ticket] = {}
         self.reservation_seconds = reservation_seconds
+        self.hold_seconds = hold_seconds
+        self.limits = limits or UserLimits()
         self.releases: dict[str, ReleaseClock] = {}
-        # sorted lines per pool, rebuilt after any change (positions are read
-        # far more often than the queue changes)
-        self._lines: dict[str, list[Ticket]] | None = None
-        self._places: dict[str, int] = {}
+        self._line: list[Ticket] | None = None
+        self._places: dict[str, Place] | None = None
+        self._places_version = -1
+        self._overlap: dict[tuple[str, str], bool] = {}
+        self._overlap_version = -1
+        self._reasons: dict[str, str] = {}
 
-    def _invalidate(self) -> None:
-        self._lines = None
+    def _changed(self) -> None:
+        self._line = None
+        self._places = None
 
-    def _build_lines(self) -> dict[str, list[Ticket]]:
-        if self._lines is None:
-            lines: dict[str, list[Ticket]] = {}
-            for ticket in sorted(self.tickets.values(), key=lambda t: t.order):
-                if ticket.state == WAITING:
-                    lines.setdefault(ticket.pool.key, []).append(ticket)
-            self._lines = lines
-            self._places = {t.id: i for line in lines.values() for i, t in enumerate(line)}
-        return self._lines
+    # -- membership ------------------------------------------------------------------
+    def join(self, request: TicketRequest, now: float) -> Ticket:
+        """Add a spawn, or take back one that joins again (after a restart of the
+        service or a lost connection) without losing its place.
 
-    # -- membership ---------------------------------------------------------
-    def join(self, ticket: Ticket) -> Ticket:
-        """Add a spawn, or take back one that re-joins (after a restart of the
-        service or a lost connection) without losing its place."""
-        self._invalidate()
-        current = self.tickets.get(ticket.id)
+        Raises :class:`LimitReached` when the user may not have another GPU server.
+        """
+        self._changed()
+        current = self.tickets.get(request.id)
         if current is not None:
-            current.requested_at = min(current.requested_at, ticket.requested_at)
+            current.requested_at = min(current.requested_at, request.requested_at)
+            current.confirmed, current.confirm_by = True, None
+            if current.state == HELD:
+                current.state, current.held_until = WAITING, None
+            if request.admitted and current.state == WAITING:
+                self._rebook(current, now)
             return current
+        self._check_limits(request)
+        ticket = Ticket.from_request(request)
+        held = self._held_place(request)
+        if held is not None:
+            # the hub dropped this server's earlier spawn: it keeps that place
+            del self.tickets[held.id]
+            ticket.requested_at = min(ticket.requested_at, held.requested_at)
+            ticket.kept_place = True
+        self.view.add_pool(ticket.pool)
         self.tickets[ticket.id] = ticket
+        if request.admitted:
+            self._rebook(ticket, now)
         return ticket
 
-    def leave(self, ticket_id: str) -> Ticket | None:
-        self._invalidate()
-        return self.tickets.pop(ticket_id, None)
+    def _held_place(self, request: TicketRequest) -> Ticket | None:
+        return next(
+            (
+                t
+                for t in self.tickets.values()
+                if t.state == HELD and t.user == request.user and t.server == request.server
+            ),
+            None,
+        )
 
-    def waiting(self, pool_key: str | None = None) -> list[Ticket]:
-        lines = self._build_lines()
-        if pool_key is not None:
-            return list(lines.get(pool_key, ()))
-        return sorted((t for line in lines.values() for t in line), key=lambda t: t.order)
+    def _check_limits(self, request: TicketRequest) -> None:
+        limits = self.limits
+        if not (limits.gpu_servers or limits.slices):
+            return
+        servers = {
+            name: slices
+            for name, slices in self.view.user_servers(request.user).items()
+            if name != request.server
+        }
+        for ticket in self.tickets.values():
+            if ticket.user == request.user and ticket.server != request.server:
+                if ticket.state in (WAITING, ADMITTED):
+                    servers.setdefault(ticket.server, ticket.slices)
+        if limits.gpu_servers and len(servers) >= limits.gpu_servers:
+            names = ", ".join(server_label(s) for s in sorted(servers))
+            allowed = (
+                "one GPU server" if limits.gpu_servers == 1 else f"{limits.gpu_servers} GPU servers"
+            )
+            raise LimitReached(
+                f"Each user may have {allowed} at a time, running or waiting, and "
+                f"you have: {names}. Stop it to start this one with a GPU, or choose "
+                "a profile without a GPU."
+            )
+        total = sum(servers.values()) + request.slices
+        if limits.slices and total > limits.slices:
+            raise LimitReached(
+                f"Each user may hold {limits.slices} GPU slices at a time; with this server "
+                f"yours would hold {total}. Stop another GPU server first, or choose a "
+                "profile with fewer slices."
+            )
+
+    def confirm(self, ticket_id: str) -> None:
+        """Its spawn showed up (it follows the ticket again after a restart)."""
+        ticket = self.tickets.get(ticket_id)
+        if ticket is not None and not ticket.confirmed:
+            ticket.confirmed, ticket.confirm_by = True, None
+            self._changed()
+
+    def leave(self, ticket_id: str) -> Ticket | None:
+        ticket = self.tickets.pop(ticket_id, None)
+        if ticket is not None:
+            self._unbook(ticket)
+            self._changed()
+        return ticket
+
+    def hold(self, ticket_id: str, now: float) -> Ticket | None:
+        """The spawn went away: release its booking, keep its place for a while."""
+        ticket = self.tickets.get(ticket_id)
+        if ticket is None or ticket.state == HELD:
+            return None
+        self._unbook(ticket)
+        ticket.state, ticket.node, ticket.admitted_at = HELD, None, None
+        ticket.held_until = now + self.hold_seconds
+        ticket.confirmed, ticket.confirm_by = True, None
+        self._changed()
+        return ticket
+
+    def waiting(self) -> list[Ticket]:
+        """Waiting tickets in the one order of the line."""
+        if self._line is None:
+            self._line = sorted(
+                (t for t in self.tickets.values() if t.state == WAITING), key=_order
+            )
+        return self._line
 
     def admitted(self) -> list[Ticket]:
         return [t for t in self.tickets.values() if t.state == ADMITTED]
 
-    def position(self, ticket_id: str) -> tuple[int, int]:
-        """1-based place in its pool's line and how many wait there (0, n if admitted)."""
-        ticket = self.tickets[ticket_id]
-        line = self._build_lines().get(ticket.pool.key, ())
-        if ticket.state != WAITING:
-            return 0, len(line)
-        return self._places[ticket_id] + 1, len(line)
+    def held(self) -> list[Ticket]:
+        return [t for t in self.tickets.values() if t.state == HELD]
 
-    def pools(self) -> dict[str, PoolSpec]:
-        return {t.pool.key: t.pool for t in self.tickets.values()}
+    # -- bookings ----------------------------------------------------------------------
+    def _book(self, ticket: Ticket, node: str, now: float) -> None:
+        ticket.state, ticket.node, ticket.admitted_at = ADMITTED, node, now
+        ticket.booked = True
+        self.view.book((ticket.pool.resource, node), ticket.slices)
 
-    # -- admission ------------------------------------------------------------
-    def settle(self, bound_tickets: Iterable[str], now: float) -> list[Ticket]:
-        """Drop reservations whose pod is now bound (it counts as used from now
-        on) or that were never used in time. Returns the tickets dropped."""
-        bound = set(bound_tickets)
-        done = [
+    def _unbook(self, ticket: Ticket) -> None:
+        if ticket.booked and ticket.node:
+            self.view.unbook((ticket.pool.resource, ticket.node), ticket.slices)
+        ticket.booked = False
+
+    def _rebook(self, ticket: Ticket, now: float) -> None:
+        """Book again for a spawn that already had slices (its pod was rejected by
+        the node, or the service restarted): on a node with room, else it waits at
+        its old place, which is usually the head of the line."""
+        if ticket.state == ADMITTED and ticket.booked:
+            return
+        node = self._best_node(ticket, blocked=set())
+        if node is not None:
+            self._book(ticket, node, now)
+        else:
+            ticket.state, ticket.node, ticket.admitted_at = WAITING, None, None
+        self._changed()
+
+    # -- admission -------------------------------------------------------------------
+    def settle(self, bound: Iterable[str], now: float) -> list[Ticket]:
+        """Forget admitted spawns whose pod is now bound (the pod holds the slices
+        from now on) or that did not use their booking in time."""
+        done = [t for t in (self.tickets.get(i) for i in bound) if t and t.state == ADMITTED]
+        done += [
             t
             for t in self.admitted()
-            if t.id in bound or (now - (t.admitted_at or now)) > self.reservation_seconds
+            if t not in done
+            and t.admitted_at is not None
+            and now - t.admitted_at > self.reservation_seconds
         ]
         for ticket in done:
-            del self.tickets[ticket.id]
-        if done:
-            self._invalidate()
+            self.leave(ticket.id)
         return done
 
-    def reserved(self) -> dict[tuple[str, str], int]:
-        """Slices booked by admitted spawns, per (resource, node)."""
-        reserved: dict[tuple[str, str], int] = {}
+    def _best_node(self, ticket: Ticket, blocked: set[str]) -> str | None:
+        """The fullest node of the ticket's pool with room for it (best fit keeps
+        whole GPUs free for bigger requests), avoiding nodes of blocked pools."""
+        resource, view = ticket.pool.resource, self.view
+        best = None
+        for name in view.nodes_with_room(resource):
+            pools = view.pools_of(name)
+            if ticket.pool.key not in pools or (blocked and not blocked.isdisjoint(pools)):
+                continue
+            room = view.available((resource, name))
+            if room >= ticket.slices and (best is None or (room, name) < best):
+                best = (room, name)
+        return best[1] if best else None
+
+    def admit(self, now: float) -> list[Ticket]:
+        """Admit, in request order, every waiting spawn that a node has room for
+        and that no earlier spawn is waiting for the same slices before."""
         for ticket in self.admitted():
-            if ticket.node:
-                key = (ticket.pool.resource, ticket.node)
-                reserved[key] = reserved.get(key, 0) + ticket.slices
-        return reserved
-
-    def admit(
-        self, capacities: Mapping[str, Mapping[str, NodeCapacity]], now: float
-    ) -> list[Ticket]:
-        """Admit the heads of the lines for which a node has room, in order.
-
-        ``capacities`` maps each GPU resource name to its nodes' capacity.
-        """
-        free = {
-            (resource, name): node.free
-            for resource, nodes in capacities.items()
-            for name, node in nodes.items()
-        }
-        for key, slices in self.reserved().items():
-            if key in free:
-                free[key] -= slices
-        admitted = []
-        for pool_key in sorted({t.pool.key for t in self.waiting()}):
-            for ticket in self.waiting(pool_key):
-                resource = ticket.pool.resource
-                candidates = [
-                    name
-                    for name, node in capacities.get(resource, {}).items()
-                    if ticket.pool.matches(node.labels)
-                    and free.get((resource, name), 0) >= ticket.slices
-                ]
-                if not candidates:
-                    break  # strict order: nobody behind may overtake the head
-                # best fit packs slices onto busy GPUs and keeps whole ones free
-                node = min(candidates, key=lambda n: (free[(resource, n)], n))
-                free[(resource, node)] -= ticket.slices
-                ticket.state, ticket.admitted_at, ticket.node = ADMITTED, now, node
+            if not ticket.booked:  # read back from the state file
+                self._rebook(ticket, now)
+        admitted: list[Ticket] = []
+        # pools whose nodes an earlier spawn waits for, and why that one waits
+        blocked: dict[str, str | None] = {}
+        reasons: dict[str, str] = {}
+        for ticket in self.waiting():
+            key = ticket.pool.key
+            if key in blocked or not ticket.confirmed:
+                if key not in blocked:
+                    blocked[key] = RECONNECTING
+                elif self._best_node(ticket, set()) is not None:
+                    # there is room for this one, but an earlier spawn comes first
+                    reasons[ticket.id] = blocked[key] or OTHER_LINE_FIRST
+                continue
+            node = self._best_node(ticket, set(blocked))
+            if node is not None:
+                self._book(ticket, node, now)
                 admitted.append(ticket)
-        if admitted:
-            self._invalidate()
+                continue
+            reason = self._why_waiting(ticket)
+            if reason is not None:
+                reasons[ticket.id] = reason
+                blocked[key] = OTHER_LINE_FIRST if reason == OTHER_LINE_FIRST else BIGGER_FIRST
+            else:
+                blocked[key] = None
+        if admitted or reasons != self._reasons:
+            self._reasons = reasons
+            self._changed()
         return admitted
 
-    def restore_admission(
-        self, ticket_id: str, capacities: Mapping[str, Mapping[str, NodeCapacity]], now: float
-    ) -> None:
-        """Book slices again for a spawn that was admitted before a restart."""
-        ticket = self.tickets[ticket_id]
-        if ticket.state == ADMITTED:
-            return
-        nodes = capacities.get(ticket.pool.resource, {})
-        matching = [n for n in nodes.values() if ticket.pool.matches(n.labels)]
-        ticket.node = max(matching, key=lambda n: n.free).name if matching else None
-        ticket.state, ticket.admitted_at = ADMITTED, now
-        self._invalidate()
+    def _why_waiting(self, ticket: Ticket) -> str | None:
+        """Why a spawn that nobody in its own pool is ahead of still waits, when it
+        is not simply that every slice it could use is taken."""
+        view, resource = self.view, ticket.pool.resource
+        rooms = [
+            view.available((resource, name))
+            for name in view.nodes_with_room(resource)
+            if ticket.pool.key in view.pools_of(name)
+        ]
+        if not rooms:
+            return None
+        if max(rooms) >= ticket.slices:
+            return OTHER_LINE_FIRST
+        free = sum(rooms)
+        return (
+            f"{free} slice{'s are' if free != 1 else ' is'} free, but this server needs "
+            f"{ticket.slices} on one GPU node and no node has more than {max(rooms)} free: "
+            "it starts as soon as one has"
+        )
 
-    # -- estimates ------------------------------------------------------------
+    # -- where everyone stands -----------------------------------------------------------
+    def places(self) -> dict[str, Place]:
+        """Position and line length of every waiting ticket, counting only the
+        tickets that compete for the same nodes."""
+        if self._places is not None and self._places_version == self.view.membership_version:
+            return self._places
+        line = self.waiting()
+        keys = sorted({t.pool.key for t in line})
+        specs = {t.pool.key: t.pool for t in line}
+        rivals = {k: [q for q in keys if self._overlaps(specs[k], specs[q])] for k in keys}
+        totals = {k: 0 for k in keys}
+        for ticket in line:
+            totals[ticket.pool.key] += 1
+        seen = dict.fromkeys(keys, 0)
+        slices_seen = dict.fromkeys(keys, 0)
+        places = {}
+        for ticket in line:
+            key = ticket.pool.key
+            places[ticket.id] = Place(
+                position=sum(seen[q] for q in rivals[key]) + 1,
+                waiting=sum(totals[q] for q in rivals[key]),
+                reason=self._reasons.get(ticket.id),
+                slices_ahead=slices_seen[key],
+            )
+            seen[key] += 1
+            slices_seen[key] += ticket.slices
+        self._places, self._places_version = places, self.view.membership_version
+        return places
+
+    def _overlaps(self, a: PoolSpec, b: PoolSpec) -> bool:
+        if a.key == b.key:
+            return True
+        if self._overlap_version != self.view.membership_version:
+            self._overlap, self._overlap_version = {}, self.view.membership_version
+        pair = (a.key, b.key) if a.key < b.key else (b.key, a.key)
+        if pair not in self._overlap:
+            self._overlap[pair] = self.view.overlaps(a, b)
+        return self._overlap[pair]
+
+    # -- expiry ---------------------------------------------------------------------------
+    def expire(self, now: float) -> tuple[list[Ticket], list[Ticket]]:
+        """Held places whose time ran out leave; unconfirmed tickets whose spawn did
+        not come back in time are held. Returns (left, held)."""
+        left = [t for t in self.held() if t.held_until is not None and now >= t.held_until]
+        for ticket in left:
+            self.leave(ticket.id)
+        held = [
+            t
+            for t in list(self.tickets.values())
+            if not t.confirmed and t.confirm_by is not None and now >= t.confirm_by
+        ]
+        for ticket in held:
+            self.hold(ticket.id, now)
+        return left, held
+
+    # -- estimates --------------------------------------------------------------------------
     def record_release(self, pool_keys: Iterable[str], when: float, slices: int) -> None:
         for key in pool_keys:
             self.releases.setdefault(key, ReleaseClock()).record(when, slices)
 
     def estimated_wait(self, ticket_id: str) -> float | None:
         ticket = self.tickets[ticket_id]
-        position, _ = self.position(ticket_id)
+        place = self.places().get(ticket_id)
         clock = self.releases.get(ticket.pool.key)
         rate = clock.seconds_per_slice() if clock else None
-        if not position or rate is None:
+        if place is None or rate is None:
             return None
-        line = self._build_lines().get(ticket.pool.key, [])
-        ahead = sum(t.slices for t in line[: position - 1])
-        return rate * (ahead + ticket.slices)
+        return rate * (place.slices_ahead + ticket.slices)
 
-    # -- persistence ----------------------------------------------------------
+    # -- persistence ---------------------------------------------------------------------------
     def to_state(self) -> list[dict]:
-        return [t.to_dict() for t in sorted(self.tickets.values(), key=lambda t: t.order)]
+        return [t.to_state() for t in sorted(self.tickets.values(), key=_order)]
 
-    def load_state(self, state: Iterable[Mapping]) -> None:
-        for item in state:
-            ticket = Ticket.from_dict(item)
+    def restore(self, tickets: Iterable[Ticket], now: float, confirm_seconds: float) -> None:
+        """Take back tickets from the state file: unconfirmed until their spawn shows up."""
+        for ticket in tickets:
+            if ticket.state != HELD:
+                ticket.confirmed, ticket.confirm_by = False, now + confirm_seconds
+            self.view.add_pool(ticket.pool)
             self.tickets[ticket.id] = ticket
-        self._invalidate()
+        self._changed()
+
+
+def _order(ticket: Ticket) -> tuple[float, str]:
+    return ticket.order

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from html import escape
 
+from .tickets import TicketStatus
+
 
 def format_wait(seconds: float | None) -> str:
     if seconds is None:
@@ -51,21 +53,31 @@ BAR_STYLE = (
 )
 
 
-def queue_message(status: dict) -> dict:
+def queue_message(status: TicketStatus) -> dict:
     """A progress event (``message`` and ``html_message``) for a waiting spawn."""
-    pool = status.get("pool") or {}
+    pool = status.pool or {}
     free, total = _count(pool.get("slices_free")), _count(pool.get("slices_total"))
     name = gpu_name(pool)
-    if not status.get("ready", True):
-        text = f"Waiting for a GPU slice: checking what is free ({status.get('problem', '')})"
+    if not status.ready:
+        # the cause (API server address, RBAC) is for the admins' log, not the page
+        text = "Waiting for a GPU slice: the GPU service is reading the cluster's GPU nodes"
         return {"message": text, "html_message": escape(text)}
-    position, waiting = _count(status.get("position")), _count(status.get("waiting"))
-    wait = format_wait(_wait_seconds(status.get("eta_seconds")))
-    text = (
-        f"Waiting for a GPU slice: you are number {position} of {waiting} in line. "
-        f"{free} of {total} slices free on {name}. Estimated wait: {wait}."
+    position, waiting = _count(status.position), _count(status.waiting)
+    wait = format_wait(_wait_seconds(status.eta_seconds))
+    notes = []
+    if status.kept_place:
+        notes.append("You kept your place in line from before the hub restarted.")
+    if status.reason:
+        notes.append(f"Why you still wait: {status.reason}.")
+    text = " ".join(
+        [
+            f"Waiting for a GPU slice: you are number {position} of {waiting} in line.",
+            f"{free} of {total} slices free on {name}. Estimated wait: {wait}.",
+            *notes,
+        ]
     )
     used_percent = min(round(100 * (total - min(free, total)) / total), 100) if total else 100
+    note_html = "".join(f'<span class="gpushare-note">{escape(n)}</span>' for n in notes)
     html = (
         '<div class="gpushare-queue" style="display:inline-flex;align-items:center;'
         "gap:1em;text-align:left;padding:0.6em 1em;margin:0.5em 0;border-radius:0.5em;"
@@ -81,6 +93,7 @@ def queue_message(status: dict) -> dict:
         f'style="{BAR_STYLE}"><span style="display:block;height:100%;width:{used_percent}%;'
         'background:#d9822b"></span></span></span>'
         f'<span style="opacity:0.8">Estimated wait: {escape(wait)}</span>'
+        f"{note_html}"
         "</span></div>"
     )
     return {"message": text, "html_message": html}

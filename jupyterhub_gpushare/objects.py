@@ -11,9 +11,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubernetes_asyncio.client import (
+    V1Affinity,
     V1ConfigMap,
     V1ConfigMapVolumeSource,
     V1EnvVar,
+    V1NodeAffinity,
+    V1NodeSelector,
+    V1NodeSelectorRequirement,
+    V1NodeSelectorTerm,
     V1ObjectMeta,
     V1Pod,
     V1Volume,
@@ -280,3 +285,59 @@ def node_gpu_facts(nodes: Iterable[Mapping], resource_name: str) -> dict[str, in
         "gpu_memory_mib": min(memory) if memory else None,
         "largest_node_slices": largest,
     }
+
+
+def profile_gpu_slices(profile: Mapping, user_options: Mapping, default: int) -> int | None:
+    """The ``gpu_slices`` a KubeSpawner profile gives a spawn, as ``_load_profile``
+    will apply it: the profile's override, then the chosen (or default) option's.
+    None when it cannot be known in advance (a callable override, a value typed
+    in by the user)."""
+    slices: object = default
+
+    def apply(overrides: Mapping | None) -> None:
+        nonlocal slices
+        if overrides and "gpu_slices" in overrides:
+            slices = overrides["gpu_slices"]
+
+    apply(profile.get("kubespawner_override"))
+    for name, option in (profile.get("profile_options") or {}).items():
+        choices = option.get("choices") or {}
+        if user_options.get(f"{name}--unlisted-choice"):
+            apply((option.get("unlisted_choice") or {}).get("kubespawner_override"))
+        elif user_options.get(name) in choices:
+            apply(choices[user_options[name]].get("kubespawner_override"))
+        else:
+            default_choice = next((c for c in choices.values() if c.get("default")), None)
+            apply((default_choice or {}).get("kubespawner_override"))
+    if isinstance(slices, bool) or not isinstance(slices, int):
+        return None
+    return slices
+
+
+def pin_to_node(pod: V1Pod, node: str) -> V1Pod:
+    """Require the pod to run on ``node``, where its slices were booked.
+
+    Added to every required node-affinity term (terms are alternatives, so each
+    must carry it); a field match on the node's name, as DaemonSets pin theirs.
+    """
+    requirement = V1NodeSelectorRequirement(key="metadata.name", operator="In", values=[node])
+    spec = pod.spec
+    spec.affinity = spec.affinity or V1Affinity()
+    affinity = spec.affinity.node_affinity = spec.affinity.node_affinity or V1NodeAffinity()
+    selector = affinity.required_during_scheduling_ignored_during_execution
+    if selector is None or not selector.node_selector_terms:
+        affinity.required_during_scheduling_ignored_during_execution = V1NodeSelector(
+            node_selector_terms=[V1NodeSelectorTerm(match_fields=[requirement])]
+        )
+        return pod
+    for term in selector.node_selector_terms:
+        if isinstance(term, dict):
+            fields = [f for f in term.get("matchFields") or [] if f.get("key") != "metadata.name"]
+            term["matchFields"] = [
+                *fields,
+                {"key": "metadata.name", "operator": "In", "values": [node]},
+            ]
+        else:
+            fields = [f for f in term.match_fields or [] if f.key != "metadata.name"]
+            term.match_fields = [*fields, requirement]
+    return pod

@@ -1,4 +1,4 @@
-"""The spawner's side of the queue: join the line and follow it over SSE."""
+"""The hub's side of the service's ticket API: join, follow over SSE, leave."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from .service.handlers import HUB_SECRET_HEADER
+from .tickets import HUB_SECRET_HEADER, TicketRequest, TicketStatus
 
 
 class QueueUnavailable(Exception):
@@ -16,6 +16,10 @@ class QueueUnavailable(Exception):
 
 class QueueRejected(Exception):
     """The service refused the request (4xx): a bug or a configuration error."""
+
+
+class QueueRefused(QueueRejected):
+    """The service refused a place in line for a reason the user should read."""
 
 
 class QueueClient:
@@ -31,14 +35,20 @@ class QueueClient:
                     body = await response.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
             raise QueueUnavailable(f"{e.__class__.__name__}: {e}") from e
+        if not isinstance(body, dict):
+            raise QueueUnavailable(f"{response.status}: not a JSON object")
         if response.status >= 500:
             raise QueueUnavailable(f"{response.status}: {body.get('message')}")
         if response.status >= 400:
+            if body.get("reason") == "user_limit":
+                raise QueueRefused(str(body.get("message")))
             raise QueueRejected(f"{response.status}: {body.get('message')}")
         return body
 
-    async def join(self, ticket: dict) -> dict:
-        return await self._request("POST", "tickets", json=ticket)
+    async def join(self, request: TicketRequest) -> TicketStatus:
+        return TicketStatus.from_json(
+            await self._request("POST", "tickets", json=request.to_json())
+        )
 
     async def leave(self, ticket_id: str, reason: str) -> None:
         try:
@@ -49,7 +59,7 @@ class QueueClient:
     async def capacity(self) -> dict:
         return await self._request("GET", "capacity")
 
-    async def follow(self, ticket_id: str) -> AsyncIterator[dict]:
+    async def follow(self, ticket_id: str) -> AsyncIterator[TicketStatus]:
         """Statuses of a ticket as they change (the first one at once)."""
         timeout = aiohttp.ClientTimeout(total=None, sock_read=60, sock_connect=10)
         try:
@@ -60,7 +70,7 @@ class QueueClient:
                     async for raw in response.content:
                         line = raw.decode().strip()
                         if line.startswith("data:"):
-                            yield json.loads(line[5:])
+                            yield TicketStatus.from_json(json.loads(line[5:]))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
             raise QueueUnavailable(f"{e.__class__.__name__}: {e}") from e
         raise QueueUnavailable("the service closed the event stream")

@@ -13,23 +13,28 @@ import copy
 import time
 import uuid
 
-from jupyterhub.utils import exponential_backoff, url_path_join
+from jupyterhub.utils import exponential_backoff, maybe_future, url_path_join
 from kubernetes_asyncio.client import V1DeleteOptions, V1Pod, V1Preconditions
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubespawner import KubeSpawner
 from tornado import web
 from traitlets import Bool, Float, Integer, TraitError, Unicode, default, validate
 
-from . import messages, objects
+from . import objects
 from ._version import __version__
 from .capacity import PoolSpec
 from .objects import GPUShare, GPUShareConfigError
-from .queueclient import QueueClient, QueueRejected, QueueUnavailable
+from .queueclient import QueueClient, QueueRefused, QueueRejected
+from .queueplace import QueuePlace, QueueTimeout, StartGate
+from .tickets import TicketRequest, TicketStatus
 
 try:  # JupyterHub 6: policy failures that do not count towards consecutive_failure_limit
     from jupyterhub.spawner import SpawnException
 except ImportError:  # JupyterHub 5
     SpawnException = None
+
+# Servers of this hub in their start-up, past the GPU line (one hub process).
+START_GATE = StartGate()
 
 # The device plugin was re-registering when the kubelet admitted the pod; the
 # pod is never retried by Kubernetes, so we create it again.
@@ -253,7 +258,27 @@ class GPUShareSpawner(KubeSpawner):
         """,
     )
 
+    concurrent_start_limit = Integer(
+        100,
+        config=True,
+        help="""
+        Most servers of this hub starting at once, counted only once they are
+        past the GPU line: waiting for a slice takes no place here, and a
+        CPU-only server never waits behind users in line.
+
+        This replaces JupyterHub's ``concurrent_spawn_limit``, which counts
+        every pending spawn, waiting ones included: with it, 64 users in line
+        (z2jh's default limit) would keep everyone else from starting any
+        server. ``jupyterhub_gpushare.configure(c)`` moves the hub's value
+        here and sets the hub's to 0. A server over the limit waits (its page
+        says so) instead of being refused. 0 means no limit::
+
+            c.GPUShareSpawner.concurrent_start_limit = 64
+        """,
+    )
+
     _replicas_warned = False
+    _spawn_limit_warned = False
     _base_start_timeout: float | None = None
 
     @validate("gpu_slices")
@@ -383,107 +408,62 @@ class GPUShareSpawner(KubeSpawner):
         return e
 
     # -- the queue ------------------------------------------------------------
-    def start(self):
-        # The hub reads start_timeout as soon as start() returns, so the time in
-        # line is added here, synchronously.
+    async def run_pre_spawn_hook(self):
+        """Runs (awaited) just before start(): the hub reads ``start_timeout`` as
+        soon as start() returns, so the time a GPU server may spend in line is
+        added here, and only for a profile that asks for a GPU."""
+        await maybe_future(super().run_pre_spawn_hook())
         if self._base_start_timeout is None:
             self._base_start_timeout = self.start_timeout
-        if self.queue_url:
+        self.start_timeout = self._base_start_timeout
+        if self.queue_url and await self._may_use_gpu():
             self.start_timeout = self._base_start_timeout + self.queue_timeout
-        self._ticket = None
-        self._queue_done = False
-        self._ticket_body = None
-        self._queue_status = None
-        self._queue_note = None
-        self._queue_event = asyncio.Event()
+
+    async def _may_use_gpu(self) -> bool:
+        """Whether the profile chosen for this spawn can ask for GPU slices."""
+        profiles = self._sorted_dict_values(self.profile_list)
+        if callable(profiles):
+            profiles = await maybe_future(profiles(self))
+        profiles = self._get_initialized_profile_list(profiles or [])
+        if not profiles:
+            return self.gpu_slices > 0
+        try:
+            profile = self._get_profile(self.user_options.get("profile"), profiles)
+        except (ValueError, StopIteration):
+            return True  # KubeSpawner refuses it in start(); be generous until then
+        slices = objects.profile_gpu_slices(profile, self.user_options, self.gpu_slices)
+        return slices is None or slices > 0
+
+    def start(self):
+        self._place = None
+        self._in_line = True  # until the server may start: read by progress()
         self._pod_retries = 0
         self._recreating: set[str] = set()
-        return super().start()
+        self._warn_about_spawn_limit()
+        future = super().start()
+        future.add_done_callback(self._start_finished)
+        return future
 
-    def _queue_update(self, status: dict | None = None, note: str | None = None) -> None:
-        if status is not None:
-            self._queue_status = status
-        if note is not None:
-            self._queue_note = note
-        # wake every progress() reader (one per open tab) without side effects
-        event, self._queue_event = self._queue_event, asyncio.Event()
-        event.set()
+    def _warn_about_spawn_limit(self) -> None:
+        limit = (getattr(self.user, "settings", None) or {}).get("concurrent_spawn_limit")
+        if self.queue_url and limit and not GPUShareSpawner._spawn_limit_warned:
+            GPUShareSpawner._spawn_limit_warned = True
+            self.log.warning(
+                "c.JupyterHub.concurrent_spawn_limit is %d: users waiting for a GPU slice "
+                "count as pending spawns, so when %d wait, nobody else can even start a "
+                "CPU server. Call jupyterhub_gpushare.configure(c) after setting it: it "
+                "moves the limit to c.GPUShareSpawner.concurrent_start_limit, which "
+                "counts only servers past the GPU line.",
+                limit,
+                limit,
+            )
 
-    def _ticket_request(self, share: GPUShare, ticket_id: str, requested_at: float) -> dict:
-        pool = PoolSpec.from_selector(share.resource_name, self.node_selector)
-        return {
-            "id": ticket_id,
-            "user": self.user.name,
-            "server": self.name,
-            "slices": share.slices,
-            "pool": {"resource": pool.resource, "selector": dict(pool.selector)},
-            "requested_at": requested_at,
-        }
-
-    async def wait_for_slices(self, share: GPUShare) -> str | None:
-        """Join the line and return once admitted; the ticket id, or None without queue."""
-        if not (self.queue_url and share.uses_gpu):
-            return None
-        requested_at = time.time()
-        ticket_id = f"{self.user.id}-{uuid.uuid4().hex[:12]}"
-        self._ticket = ticket_id
-        request = self._ticket_request(share, ticket_id, requested_at)
-        self._ticket_body = request
-        client = self._queue_client()
-        deadline = requested_at + self.queue_timeout
-        unreachable_since = None
-        try:
-            while True:
-                try:
-                    status = await client.join(request)
-                    self._queue_update(status)
-                    if status["state"] != "admitted":
-                        status = await asyncio.wait_for(
-                            self._follow(client, ticket_id), deadline - time.time()
-                        )
-                    if status["state"] == "admitted":
-                        self.log.info(
-                            "%s admitted to GPU slices after %.1fs",
-                            self._log_name,
-                            time.time() - requested_at,
-                        )
-                        self._queue_update(note="A GPU slice is free: starting your server")
-                        return ticket_id
-                    unreachable_since = None  # "gone": join again, keeping our place
-                except QueueUnavailable as e:
-                    now = time.time()
-                    unreachable_since = unreachable_since or now
-                    if now - unreachable_since > self.queue_unreachable_timeout:
-                        self.log.warning(
-                            "GPU queue service unreachable for %.0fs (%s); starting %s without it",
-                            now - unreachable_since,
-                            e,
-                            self._log_name,
-                        )
-                        self._queue_update(
-                            note="The GPU queue service cannot be reached: starting "
-                            "without it, Kubernetes will place your server when a slice is free"
-                        )
-                        return None
-                    self._queue_update(note="Reconnecting to the GPU queue service")
-                    await asyncio.sleep(min(2.0, max(deadline - time.time(), 0)))
-                if time.time() >= deadline:
-                    raise asyncio.TimeoutError
-        except asyncio.TimeoutError:
-            await client.leave(ticket_id, "timeout")
-            minutes = round(self.queue_timeout / 60)
-            raise self._queue_timeout_error(
-                f"No GPU slice became free within {minutes} minutes. "
-                "Please try again later, or choose a profile without a GPU."
-            ) from None
-        except QueueRejected as e:
-            raise GPUShareConfigError(f"the GPU queue service refused this spawn: {e}") from None
-        except BaseException:
-            # cancelled (Stop Server, the REST API, the hub going away) or failed
-            await asyncio.shield(client.leave(ticket_id, "cancelled"))
-            raise
-        finally:
-            self._queue_update()
+    def _start_finished(self, future: asyncio.Future) -> None:
+        START_GATE.leave(id(self), self.concurrent_start_limit)
+        place = getattr(self, "_place", None)
+        if place is not None:
+            failed = future.cancelled() or future.exception() is not None
+            self._closing = asyncio.ensure_future(place.close("cancelled" if failed else "started"))
 
     def _queue_client(self) -> QueueClient:
         # the service's routes live under the hub's base URL, like the hub's own
@@ -493,15 +473,54 @@ class GPUShareSpawner(KubeSpawner):
             self.queue_secret,
         )
 
-    async def _follow(self, client: QueueClient, ticket_id: str) -> dict:
-        async for status in client.follow(ticket_id):
-            self._queue_update(status)
-            if status["state"] in ("admitted", "gone"):
-                return status
-        raise QueueUnavailable("event stream ended")
+    async def wait_for_slices(self, share: GPUShare) -> TicketStatus | None:
+        """Wait in line; the status that admitted this spawn, or None without queue."""
+        if not (self.queue_url and share.uses_gpu):
+            return None
+        pool = PoolSpec.from_selector(share.resource_name, self.node_selector)
+        request = TicketRequest(
+            id=f"{self.user.id}-{uuid.uuid4().hex[:12]}",
+            user=self.user.name,
+            server=self.name,
+            slices=share.slices,
+            pool=pool,
+            requested_at=time.time(),
+        )
+        self._place = place = QueuePlace(self._queue_client(), self.log, self._log_name)
+        try:
+            status = await place.join(request, self.queue_timeout, self.queue_unreachable_timeout)
+        except QueueTimeout:
+            minutes = round(self.queue_timeout / 60)
+            raise self._refusal(
+                f"No GPU slice became free within {minutes} minutes. "
+                "Please try again later, or choose a profile without a GPU.",
+                reason="gpu-queue-timeout",
+            ) from None
+        except QueueRefused as e:
+            raise self._refusal(str(e), reason="gpu-user-limit") from None
+        except QueueRejected as e:
+            raise GPUShareConfigError(f"the GPU queue service refused this spawn: {e}") from None
+        if status is not None:
+            self.log.info(
+                "%s admitted to GPU slices on %s after %.1fs",
+                self._log_name,
+                status.node,
+                time.time() - request.requested_at,
+            )
+        return status
 
-    def _queue_timeout_error(self, message: str) -> Exception:
-        error = spawn_refusal(message, reason="gpu-queue-timeout")
+    async def _enter_start_gate(self) -> None:
+        """Wait for one of the hub's start places (after the GPU line)."""
+        limit = self.concurrent_start_limit
+        if limit and len(START_GATE.active) >= limit and self._place is not None:
+            self._place.update(
+                note=f"{len(START_GATE.active)} servers are starting right now: "
+                "yours starts as soon as one of them is up"
+            )
+        await START_GATE.enter(id(self), limit)
+
+    def _refusal(self, message: str, reason: str) -> Exception:
+        error = spawn_refusal(message, reason=reason)
         if SpawnException is None:
             # JupyterHub 5 counts every failed spawn towards consecutive_failure_limit
             # and exits at the limit; running out of GPU slices is no hub failure.
@@ -526,24 +545,23 @@ class GPUShareSpawner(KubeSpawner):
         records and changes nothing.
         """
         last = None
-        # The queue phase ends when the spawn is admitted, goes ahead without
-        # the queue, or needs no GPU; before it starts, the profile and
-        # Kubernetes watches may still be loading.
-        while not getattr(self, "_queue_done", True) and not self._start_future_done():
-            event = self._queue_event
-            current = (self._queue_status, self._queue_note)
-            if current != last:
-                last = current
-                message = self._progress_message()
-                if message:
-                    yield message
-            try:
-                await asyncio.wait_for(event.wait(), 1)
-            except asyncio.TimeoutError:
-                pass
-        note = getattr(self, "_queue_note", None)
-        if note and (self._queue_status, note) != last:
-            yield {"progress": 5, "message": note}
+        # The line ends when the spawn is admitted, goes ahead without the
+        # queue, or needs no GPU; before it starts, the profile and Kubernetes
+        # watches may still be loading.
+        while getattr(self, "_in_line", False) and not self._start_future_done():
+            place = getattr(self, "_place", None)
+            if place is None:
+                await asyncio.sleep(0.5)
+                continue
+            if place.view() != last:
+                last = place.view()
+                event = place.progress_event()
+                if event:
+                    yield event
+            await place.wait_for_change(1)
+        place = getattr(self, "_place", None)
+        if place is not None and place.note and place.view() != last:
+            yield {"progress": 5, "message": place.note}
         async for message in super().progress():
             yield message
 
@@ -551,19 +569,11 @@ class GPUShareSpawner(KubeSpawner):
         future = getattr(self, "_start_future", None)
         return future is not None and future.done()
 
-    def _progress_message(self) -> dict | None:
-        status = self._queue_status
-        if self._queue_note and (status is None or status.get("state") != "waiting"):
-            return {"progress": 5, "message": self._queue_note}
-        if status is None or status.get("state") != "waiting":
-            return None
-        return {"progress": 2, **messages.queue_message(status)}
-
     async def stop(self, now=False):
-        ticket = getattr(self, "_ticket", None)
-        if ticket and self.queue_url and not self._start_future_done():
+        place = getattr(self, "_place", None)
+        if place is not None and not self._start_future_done():
             # Stop Server while waiting: leave the line at once
-            await self._queue_client().leave(ticket, "cancelled")
+            await place.leave("cancelled")
         return await super().stop(now=now)
 
     # -- pods the device plugin rejected ----------------------------------------
@@ -579,7 +589,11 @@ class GPUShareSpawner(KubeSpawner):
                     )
                 self._recreating.add(uid)
                 self._pod_retries += 1
-                self._recreate_task = asyncio.ensure_future(self._recreate_pod(pod))
+                work = self._recreate_pod(pod)
+                if self._place is not None:
+                    self._place.background(work, "create the rejected pod again")
+                else:
+                    self._recreate_task = asyncio.ensure_future(work)
             return False
         return super().is_pod_running(pod)
 
@@ -610,14 +624,12 @@ class GPUShareSpawner(KubeSpawner):
             return current.get("metadata", {}).get("uid") != meta["uid"]
 
         await exponential_backoff(replaced, f"pod {ref_key} was not deleted", timeout=60)
-        body = getattr(self, "_ticket_body", None)
-        if body is not None:
-            # keep the slices this spawn was given: its failed pod no longer holds them
-            try:
-                await self._queue_client().join({**body, "admitted": True})
-            except (QueueUnavailable, QueueRejected) as e:
-                self.log.warning("Could not re-book slices for %s: %s", self._log_name, e)
         manifest = copy.deepcopy(self._pod_manifest)
+        if self._place is not None:
+            # the failed pod no longer holds its slices: book them again first
+            await self._place.rebook()
+            if self._place.status is not None and self._place.status.node:
+                manifest = objects.pin_to_node(manifest, self._place.status.node)
         await self.api.create_namespaced_pod(meta["namespace"], manifest)
 
     # -- the pod ----------------------------------------------------------------
@@ -634,17 +646,22 @@ class GPUShareSpawner(KubeSpawner):
             if self.memory_guard:
                 await self._ensure_memory_guard()
         try:
-            ticket = await self.wait_for_slices(share)
+            admitted = await self.wait_for_slices(share)
+            await self._enter_start_gate()
         finally:
-            self._queue_done = True
-            self._queue_update()
+            self._in_line = False
+            if self._place is not None:
+                self._place.update()
         pod = await super().get_pod_manifest()
         pod = objects.apply_gpu_share(
             pod,
             share,
             admin_env=self._expand_env(self.environment),
             guard_configmap=self.memory_guard_configmap if self.memory_guard else None,
-            ticket=ticket,
+            ticket=admitted.ticket if admitted else None,
         )
+        if admitted is not None and admitted.node:
+            # the slices were booked on this node: the pod must run there
+            pod = objects.pin_to_node(pod, admitted.node)
         self._pod_manifest = copy.deepcopy(pod)
         return pod

@@ -1,8 +1,15 @@
-"""Watch caches of Nodes and GPU Pods, kept live without listing per request.
+"""Watching Nodes and GPU Pods cluster-wide: the layer below the cluster view.
 
-Each watcher lists, then watches from the list's resource version; it re-lists
-when the version is gone (410), backs off on errors and restarts itself, and
-says whether its view is consistent instead of guessing.
+A :class:`ResourceWatcher` lists, then watches from the list's resource
+version, and hands what it sees to its consumer: the whole list after every
+(re-)list, then one event at a time. It keeps no cache of its own (the
+:class:`~.clusterview.ClusterView` is the cache); it re-lists when the version
+is gone (410), backs off on errors, restarts itself, and says whether the
+consumer's view is consistent instead of guessing.
+
+Lists are paginated, so a cluster of any size arrives in bounded pieces, and
+the pod watch asks the API server only for bound pods that are not finished:
+the only ones that hold slices.
 """
 
 from __future__ import annotations
@@ -10,27 +17,38 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Protocol
 
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from traitlets import Any as AnyTrait
-from traitlets import Float, Unicode
+from traitlets import Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .capacity import HUB_SERVER_LABEL, HUB_USER_ANNOTATION, TICKET_ANNOTATION
 
+# Bound pods that have not finished: all that can hold slices.
+HOLDING_PODS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+
+
+class WatchConsumer(Protocol):
+    def replace(self, kind: str, objects: dict[str, dict]) -> None: ...
+    def apply(self, kind: str, key: str, obj: dict | None) -> None: ...
+    def stale(self, kind: str, problem: str) -> None: ...
+
 
 def slim_node(node: Mapping) -> dict:
+    """What capacity needs of a node; heartbeat times dropped, so they change nothing."""
     meta = node["metadata"]
+    status = node.get("status") or {}
     return {
         "metadata": {"name": meta["name"], "labels": meta.get("labels") or {}},
         "spec": {"unschedulable": (node.get("spec") or {}).get("unschedulable", False)},
         "status": {
-            "allocatable": (node.get("status") or {}).get("allocatable") or {},
+            "allocatable": status.get("allocatable") or {},
             "conditions": [
-                c
-                for c in (node.get("status") or {}).get("conditions") or []
+                {"type": "Ready", "status": c.get("status")}
+                for c in status.get("conditions") or []
                 if c.get("type") == "Ready"
             ],
         },
@@ -38,7 +56,7 @@ def slim_node(node: Mapping) -> dict:
 
 
 def slim_pod(pod: Mapping, resources: tuple[str, ...]) -> dict | None:
-    """What capacity needs of a pod, or None for pods that hold no GPU."""
+    """What capacity needs of a pod, or None for pods that hold no GPU of ours."""
     containers = []
     wants_gpu = False
     for container in (pod.get("spec") or {}).get("containers") or []:
@@ -67,41 +85,47 @@ def slim_pod(pod: Mapping, resources: tuple[str, ...]) -> dict | None:
             "labels": {k: v for k, v in labels.items() if k == HUB_SERVER_LABEL},
         },
         "spec": {"nodeName": (pod.get("spec") or {}).get("nodeName"), "containers": containers},
-        "status": {
-            "phase": status.get("phase"),
-            "reason": status.get("reason"),
-            "startTime": status.get("startTime"),
-        },
+        "status": {"phase": status.get("phase"), "startTime": status.get("startTime")},
     }
 
 
+def object_key(obj: Mapping) -> str:
+    meta = obj["metadata"]
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta['name']}" if namespace else meta["name"]
+
+
 class ResourceWatcher(LoggingConfigurable):
-    """A list-then-watch cache of one kind of cluster-wide object."""
+    """List-then-watch of one kind of cluster-wide object, feeding a consumer."""
 
     kind = Unicode(help="'nodes' or 'pods'")
     api = AnyTrait(help="a CoreV1Api")
     slim = AnyTrait(help="callable turning an object into what we keep, or None to skip")
+    field_selector = Unicode("", help="narrows what the API server sends")
     watch_timeout = Float(300, config=True, help="Seconds before a watch is renewed.")
     max_backoff = Float(30, config=True, help="Longest wait between retries after errors.")
+    page_size = Integer(
+        500,
+        config=True,
+        help="""
+        Objects per page when listing, so no single response holds a whole
+        large cluster::
 
-    def __init__(self, on_change: Callable[[str], Any] | None = None, **kwargs):
+            c.ResourceWatcher.page_size = 500
+        """,
+    )
+
+    def __init__(self, consumer: WatchConsumer, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.objects: dict[str, dict] = {}
+        self.consumer = consumer
         self.synced = asyncio.Event()
         self.last_error: str | None = None
-        self.on_change = on_change
         self._task: asyncio.Task | None = None
 
     @property
-    def _list(self):
-        return getattr(
-            self.api, f"list_{'node' if self.kind == 'nodes' else 'pod_for_all_namespaces'}"
-        )
-
-    @staticmethod
-    def key(obj: Mapping) -> str:
-        meta = obj["metadata"]
-        return f"{meta.get('namespace', '')}/{meta['name']}"
+    def _list(self) -> Callable:
+        name = "list_node" if self.kind == "nodes" else "list_pod_for_all_namespaces"
+        return getattr(self.api, name)
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -115,23 +139,33 @@ class ResourceWatcher(LoggingConfigurable):
             except asyncio.CancelledError:
                 pass
 
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self.kind)
+    def _selectors(self) -> dict:
+        return {"field_selector": self.field_selector} if self.field_selector else {}
 
     async def _relist(self) -> str:
-        response = await self._list(_preload_content=False, _request_timeout=60)
-        body = await response.json()
-        fresh = {}
-        for item in body.get("items", []):
-            kept = self.slim(item)
-            if kept is not None:
-                fresh[self.key(kept)] = kept
-        self.objects = fresh
+        """Every object, page by page, handed over in one piece once complete."""
+        fresh: dict[str, dict] = {}
+        token = None
+        while True:
+            response = await self._list(
+                limit=self.page_size,
+                _continue=token,
+                _preload_content=False,
+                _request_timeout=60,
+                **self._selectors(),
+            )
+            body = await response.json()
+            for item in body.get("items", []):
+                kept = self.slim(item)
+                if kept is not None:
+                    fresh[object_key(kept)] = kept
+            token = (body.get("metadata") or {}).get("continue")
+            if not token:
+                break
+        self.consumer.replace(self.kind, fresh)
         self.synced.set()
         self.last_error = None
         self.log.info("%s: listed %d", self.kind, len(fresh))
-        self._changed()
         return body["metadata"]["resourceVersion"]
 
     async def _run(self) -> None:
@@ -140,24 +174,24 @@ class ResourceWatcher(LoggingConfigurable):
             try:
                 version = await self._relist()
                 failures = 0
-                while True:
-                    version = await self._watch(version)
-                    if version is None:
-                        break  # expired: list again
+                while version is not None:
+                    version = await self._watch(version)  # None: expired, list again
+                continue
             except asyncio.CancelledError:
                 raise
             except ApiException as e:
+                if e.status == 410:  # a continue token or version expired mid-way
+                    continue
                 self.last_error = self._explain(e)
-                self.log.warning("%s watch: %s", self.kind, self.last_error)
             except Exception as e:  # connection refused, timeouts, API server restarts
                 self.last_error = (
                     f"cannot reach the Kubernetes API server ({e.__class__.__name__}: {e})"
                 )
-                self.log.warning("%s watch: %s", self.kind, self.last_error)
+            self.log.warning("%s watch: %s", self.kind, self.last_error)
             failures += 1
-            # The view may be stale now; say so until a fresh list succeeds.
+            # the view may be stale now; say so until a fresh list succeeds
             self.synced.clear()
-            self._changed()
+            self.consumer.stale(self.kind, self.last_error)
             delay = min(self.max_backoff, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1)
             await asyncio.sleep(delay)
 
@@ -178,6 +212,7 @@ class ResourceWatcher(LoggingConfigurable):
             allow_watch_bookmarks=True,
             timeout_seconds=int(self.watch_timeout),
             _request_timeout=self.watch_timeout + 30,
+            **self._selectors(),
         )
         try:
             async with stream:
@@ -191,16 +226,8 @@ class ResourceWatcher(LoggingConfigurable):
                     version = obj["metadata"]["resourceVersion"]
                     if kind == "BOOKMARK":
                         continue
-                    kept = self.slim(obj)
-                    key = self.key(obj)
-                    if kind == "DELETED" or kept is None:
-                        if self.objects.pop(key, None) is None:
-                            continue
-                    elif self.objects.get(key) == kept:
-                        continue
-                    else:
-                        self.objects[key] = kept
-                    self._changed()
+                    kept = None if kind == "DELETED" else self.slim(obj)
+                    self.consumer.apply(self.kind, object_key(obj), kept)
         except ApiException as e:
             if e.status == 410:  # our version is too old: list again
                 return None
@@ -208,13 +235,18 @@ class ResourceWatcher(LoggingConfigurable):
         return version
 
 
-def node_watcher(api: client.CoreV1Api, on_change=None, **kwargs) -> ResourceWatcher:
-    return ResourceWatcher(on_change, kind="nodes", api=api, slim=slim_node, **kwargs)
+def node_watcher(api: client.CoreV1Api, consumer: WatchConsumer, **kwargs) -> ResourceWatcher:
+    return ResourceWatcher(consumer, kind="nodes", api=api, slim=slim_node, **kwargs)
 
 
 def pod_watcher(
-    api: client.CoreV1Api, resources: tuple[str, ...], on_change=None, **kwargs
+    api: client.CoreV1Api, resources: tuple[str, ...], consumer: WatchConsumer, **kwargs
 ) -> ResourceWatcher:
     return ResourceWatcher(
-        on_change, kind="pods", api=api, slim=lambda p: slim_pod(p, resources), **kwargs
+        consumer,
+        kind="pods",
+        api=api,
+        slim=lambda p: slim_pod(p, resources),
+        field_selector=HOLDING_PODS,
+        **kwargs,
     )

@@ -30,6 +30,7 @@ import pytest
 from jupyterhub_gpushare import messages
 from jupyterhub_gpushare.testing.hub import TEST_PASSWORD, LocalHub
 from jupyterhub_gpushare.testing.nodes import create_gpu_node, delete_node
+from jupyterhub_gpushare.tickets import TicketStatus
 from tests.spawning import position_is, request_server, stop_all, user_token, wait_event, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -637,13 +638,14 @@ async def test_panel_and_service_page_under_a_base_url(
 
 
 def test_queue_message_escapes_everything():
-    status = {
-        "ready": True,
-        "position": 2,
-        "waiting": 3,
-        "eta_seconds": 240,
-        "pool": {"slices_free": 1, "slices_total": 4, "products": ["<script>x</script>-SHARED"]},
-    }
+    status = TicketStatus(
+        ticket="t",
+        state="waiting",
+        position=2,
+        waiting=3,
+        eta_seconds=240,
+        pool={"slices_free": 1, "slices_total": 4, "products": ["<script>x</script>-SHARED"]},
+    )
     event = messages.queue_message(status)
     assert event["message"] == (
         "Waiting for a GPU slice: you are number 2 of 3 in line. 1 of 4 slices free on "
@@ -659,15 +661,21 @@ def test_queue_message_escapes_everything():
 
 def test_queue_message_numbers_are_numbers():
     # whatever the JSON holds, only whole numbers reach the HTML
-    status = {
-        "position": "<b>1</b>",
-        "waiting": None,
-        "eta_seconds": "soon",
-        "pool": {"slices_free": "<i>", "slices_total": 2.9},
-    }
+    status = TicketStatus.from_json(
+        {
+            "ticket": "t",
+            "state": "waiting",
+            "position": "<b>1</b>",
+            "waiting": None,
+            "eta_seconds": "soon",
+            "pool": {"slices_free": "<i>", "slices_total": 2.9},
+            "reason": "<script>alert(1)</script>",
+        }
+    )
     html = messages.queue_message(status)["html_message"]
-    assert "<b>" not in html and "<i>" not in html
+    assert "<b>" not in html and "<i>" not in html and "<script>" not in html
     assert '<span class="gpushare-free">0 of 2 slices free</span>' in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "Estimated wait: unknown" in html
 
 
@@ -676,7 +684,7 @@ async def test_activity_reads_every_page_of_active_users(monkeypatch):
     from tornado.httpserver import HTTPServer
     from tornado.testing import bind_unused_port
 
-    from jupyterhub_gpushare.service.handlers import ActivityHandler
+    from jupyterhub_gpushare.service.hubapi import HubAPI
 
     users = [
         {
@@ -714,19 +722,13 @@ async def test_activity_reads_every_page_of_active_users(monkeypatch):
     sock, port = bind_unused_port()
     server = HTTPServer(web.Application([("/hub/api/users", Users)]))
     server.add_sockets([sock])
-    monkeypatch.setattr(ActivityHandler, "page_limit", 2)
-    monkeypatch.setattr(ActivityHandler, "_semaphore", None)
+    hub = HubAPI(api_url=f"http://127.0.0.1:{port}/hub/api", api_token="service-token", page_size=2)
     try:
-        found = await ActivityHandler.fetch_active_users(
-            f"http://127.0.0.1:{port}/hub/api", "service-token"
-        )
+        found = {u["name"]: u async for u in hub.users(state="active")}
     finally:
         server.stop()
     assert sorted(found) == [u["name"] for u in users]
-    assert found["u3"] == {
-        "last_activity": "2026-01-04T00:00:00Z",
-        "servers": {"": "2026-01-04T12:00:00Z"},
-    }
+    assert found["u3"] == users[3]
     assert (
         requests
         == [("active", "application/jupyterhub-pagination+json", "token service-token")] * 3

@@ -4,12 +4,15 @@
 
 Defaults come from the ``JUPYTERHUB_*`` variables the hub sets for managed
 services, and from ``GPUSHARE_HUB_SECRET`` (shared with the hub's spawners by
-``jupyterhub_gpushare.configure``).
+``jupyterhub_gpushare.configure``). Settings of the service's classes that an
+admin writes into the hub's configuration (``c.Dispatcher.hold_seconds = 600``)
+reach it through ``GPUSHARE_SERVICE_CONFIG``, which ``configure`` fills in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -19,13 +22,20 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from jupyterhub.utils import url_path_join
 from tornado import web
 from tornado.httpserver import HTTPServer
+from tornado.log import LogFormatter
 from traitlets import Bool, Integer, Unicode, default
-from traitlets.config import Application
+from traitlets.config import Application, Config
 
 from .. import clients
 from .._version import __version__
+from ..watch import ResourceWatcher
 from . import handlers, metrics, pages
 from .dispatcher import Dispatcher
+from .hubapi import HubAPI
+from .queuestore import QueueStore
+
+# where configure(c) puts the service's settings from the hub's configuration
+CONFIG_ENV = "GPUSHARE_SERVICE_CONFIG"
 
 
 class GPUShareService(Application):
@@ -37,7 +47,7 @@ class GPUShareService(Application):
         "ip": "GPUShareService.ip",
         "port": "GPUShareService.port",
         "kubeconfig": "GPUShareService.kubeconfig",
-        "state-file": "Dispatcher.state_file",
+        "state-file": "QueueStore.state_file",
         "config": "GPUShareService.config_file",
         "log-level": "Application.log_level",
     }
@@ -47,7 +57,9 @@ class GPUShareService(Application):
             "Write a default configuration file and exit.",
         ),
     }
-    classes = [Dispatcher]
+    classes = [Dispatcher, QueueStore, HubAPI, ResourceWatcher]
+    # the hub's own log formatter family: it supplies %(color)s and %(end_color)s
+    _log_formatter_cls = LogFormatter
 
     @default("log_level")
     def _log_level_default(self):
@@ -143,7 +155,19 @@ class GPUShareService(Application):
         """,
     )
 
-    def make_app(self, dispatcher: Dispatcher) -> web.Application:
+    trust_xheaders = Bool(
+        False,
+        config=True,
+        help="""
+        Take the client's address and scheme from ``X-Forwarded-*`` headers.
+        Only for a service reachable by nothing but a trusted proxy: any pod
+        that can reach the port could otherwise claim any address::
+
+            c.GPUShareService.trust_xheaders = True
+        """,
+    )
+
+    def make_app(self, dispatcher: Dispatcher, hub_api: HubAPI) -> web.Application:
         prefix = self.service_prefix
         api = url_path_join(prefix, "api")
         routes = [
@@ -164,6 +188,7 @@ class GPUShareService(Application):
         return web.Application(
             routes,
             dispatcher=dispatcher,
+            hub_api=hub_api,
             hub_auth=HubOAuth(api_token=os.environ.get("JUPYTERHUB_API_TOKEN", "")),
             hub_secret=self.hub_secret,
             service_prefix=prefix,
@@ -181,6 +206,12 @@ class GPUShareService(Application):
             self.exit(0)
         if os.path.exists(self.config_file):
             self.load_config_file(self.config_file)
+        forwarded = os.environ.get(CONFIG_ENV)
+        if forwarded:
+            try:
+                self.update_config(Config(json.loads(forwarded)))
+            except (ValueError, TypeError) as e:
+                self.log.error("Ignoring %s, which is not a JSON config: %s", CONFIG_ENV, e)
         if not self.hub_secret:
             self.log.warning(
                 "No GPUSHARE_HUB_SECRET: spawners cannot join the queue "
@@ -191,9 +222,17 @@ class GPUShareService(Application):
         api = await clients.core_v1(self.kubeconfig)
         dispatcher = Dispatcher(api, parent=self)
         dispatcher.start()
-        metrics.register(dispatcher)
-        app = self.make_app(dispatcher)
-        server = HTTPServer(app, xheaders=True)
+        metrics.register(dispatcher.snapshot)
+        app = self.make_app(dispatcher, HubAPI(parent=self))
+        server = HTTPServer(
+            app,
+            xheaders=self.trust_xheaders,
+            # bodies are tiny JSON; anything bigger is refused before it is read
+            max_body_size=handlers.MAX_BODY_BYTES,
+            # clients that send nothing (or headers byte by byte) are let go
+            idle_connection_timeout=30,
+            body_timeout=10,
+        )
         server.listen(self.port, self.ip)
         self.log.info(
             "gpushare service %s listening on %s:%d%s",

@@ -1,31 +1,39 @@
-"""The service's core: the watch caches, the fair queue and who is told what.
+"""The service's core: watch events in, admissions and status updates out.
 
-Every change (a watch event, a spawn joining or leaving) triggers one
-recomputation: reservations are settled against bound pods, the heads of the
-lines are admitted, and each waiting spawn's status is pushed to whoever
-follows it. The queue is written to a state file on every change, so a
-restarted service knows the order at once.
+The watchers feed the :class:`~..clusterview.ClusterView` one event at a time;
+after each burst of events (one turn of the event loop), one cycle settles
+bookings whose pods are now bound, admits whoever a node has room for, saves
+the line if it changed, and tells each followed spawn its status if that
+changed. Nothing in a cycle scans the whole cluster.
+
+A spawn is known to be alive while the hub follows its ticket. One that nobody
+follows for ``reconnect_seconds`` (the hub restarted and dropped it, or its
+spawner is gone) never holds a slice: its place is held for ``hold_seconds``
+in case the same server is started again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from kubernetes_asyncio import client
-from traitlets import Float, List, Unicode, default
+from traitlets import Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..capacity import NodeCapacity, PoolSpec, node_capacities, pool_capacity
-from ..fairqueue import ADMITTED, WAITING, FairQueue, Ticket
-from ..watch import ResourceWatcher, node_watcher, pod_watcher
+from ..capacity import PoolSpec
+from ..clusterview import ClusterView
+from ..fairqueue import FairQueue, LimitReached, Ticket, UserLimits
+from ..objects import PRODUCT_LABEL
+from ..tickets import ADMITTED, GONE, HELD, WAITING, TicketRequest, TicketStatus
+from ..watch import node_watcher, pod_watcher
 from . import metrics
+from .notifier import Notifier
+from .queuestore import QueueStore
 
-GONE = "gone"
+# what users are told while the service cannot see the cluster (admins see why)
+NOT_READY = "the GPU service is reading the cluster's GPU nodes"
 
 
 class Dispatcher(LoggingConfigurable):
@@ -39,56 +47,87 @@ class Dispatcher(LoggingConfigurable):
             c.Dispatcher.resources = ["nvidia.com/gpu"]
         """,
     )
-    state_file = Unicode(
-        config=True,
-        help="""
-        Where the queue is kept between restarts of the service::
-
-            c.Dispatcher.state_file = "/srv/jupyterhub/gpushare-queue.json"
-        """,
-    )
     reservation_seconds = Float(
         120,
         config=True,
-        help="How long an admitted spawn's slices stay booked while its pod is not bound yet.",
+        help="""
+        How long an admitted spawn's slices stay booked while its pod is not
+        bound to the node yet::
+
+            c.Dispatcher.reservation_seconds = 120
+        """,
     )
-    abandon_seconds = Float(
-        30,
+    reconnect_seconds = Float(
+        15,
         config=True,
         help="""
-        A waiting spawn that nobody follows for this long (its hub went away)
-        leaves the line::
+        A spawn that the hub stops following for this long is taken to be gone
+        (the hub restarted, or its spawner died): it no longer holds a slice
+        and its place is held for ``hold_seconds``. The hub's spawners
+        reconnect within a few seconds after a restart of the service::
 
-            c.Dispatcher.abandon_seconds = 30
+            c.Dispatcher.reconnect_seconds = 15
+        """,
+    )
+    hold_seconds = Float(
+        300,
+        config=True,
+        help="""
+        How long the place of a spawn that went away is kept. When the hub
+        restarts (``helm upgrade``) it drops pending spawns; a user who starts
+        the same server again within this time gets their old place back::
+
+            c.Dispatcher.hold_seconds = 300
+        """,
+    )
+    max_gpu_servers_per_user = Integer(
+        1,
+        config=True,
+        help="""
+        GPU servers one user may have at once, running or waiting (0: no
+        limit). Matters with named servers (``c.JupyterHub.allow_named_servers``):
+        ``named_server_limit_per_user`` caps all of a user's servers, this caps
+        those with a GPU. CPU-only servers never count::
+
+            c.Dispatcher.max_gpu_servers_per_user = 2
+        """,
+    )
+    max_slices_per_user = Integer(
+        0,
+        config=True,
+        help="""
+        GPU slices one user's servers may hold and wait for together (0: no
+        limit beyond ``max_gpu_servers_per_user``)::
+
+            c.Dispatcher.max_slices_per_user = 2
         """,
     )
 
-    @default("state_file")
-    def _state_file_default(self):
-        # beside the hub's database: the hub's working directory
-        return os.path.abspath("gpushare-queue.json")
-
-    def __init__(self, api: client.CoreV1Api, **kwargs):
+    def __init__(self, api: client.CoreV1Api, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.queue = FairQueue(self.reservation_seconds)
-        self.nodes: ResourceWatcher = node_watcher(api, self._changed, parent=self)
-        self.pods: ResourceWatcher = pod_watcher(
-            api, tuple(self.resources), self._changed, parent=self
+        self.view = ClusterView(self.resources)
+        self.queue = FairQueue(
+            self.view,
+            reservation_seconds=self.reservation_seconds,
+            hold_seconds=self.hold_seconds,
+            limits=UserLimits(self.max_gpu_servers_per_user, self.max_slices_per_user),
         )
-        self.followers: dict[str, set[asyncio.Queue]] = {}
-        self.statuses: dict[str, dict] = {}
-        self.last_followed: dict[str, float] = {}
-        self.capacities: dict[str, dict[str, NodeCapacity]] = {}
-        self._holders: dict[str, tuple[str, str, int]] = {}
-        self._pending = False
+        self.store = QueueStore(parent=self)
+        self.notifier = Notifier()
+        self.nodes = node_watcher(api, self, parent=self)
+        self.pods = pod_watcher(api, tuple(self.resources), self, parent=self)
+        self._cycle_scheduled = False
+        self._publish_all = True
+        self._places_published: object = None
         self._housekeeping: asyncio.Task | None = None
 
-    # -- lifecycle ------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
-        self._load_state()
+        now = time.time()
+        self.queue.restore(self.store.load(), now, self.reconnect_seconds)
         self.nodes.start()
         self.pods.start()
-        self._housekeeping = asyncio.ensure_future(self._expire_loop())
+        self._housekeeping = asyncio.ensure_future(self._housekeeping_loop())
 
     async def stop(self) -> None:
         if self._housekeeping:
@@ -102,202 +141,234 @@ class Dispatcher(LoggingConfigurable):
 
     @property
     def problem(self) -> str | None:
+        """Why the view is not ready, in detail: for admins and the log only."""
         return self.nodes.last_error or self.pods.last_error
 
-    def _load_state(self) -> None:
-        try:
-            state = json.loads(Path(self.state_file).read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            self.log.warning("Ignoring unreadable queue state %s: %s", self.state_file, e)
-            return
-        self.queue.load_state(state.get("tickets", []))
+    # -- watch events (WatchConsumer) ---------------------------------------------------
+    def replace(self, kind: str, objects: dict[str, dict]) -> None:
+        if kind == "nodes":
+            self.view.replace_nodes(objects)
+        else:
+            self.view.replace_pods(objects)
+        self._publish_all = True
+        self._soon()
+
+    def apply(self, kind: str, key: str, obj: dict | None) -> None:
+        if kind == "nodes":
+            self.view.apply_node(key, obj)
+        else:
+            self.view.apply_pod(key, obj)
+        self._soon()
+
+    def stale(self, kind: str, problem: str) -> None:
+        self._publish_all = True
+        self._soon()
+
+    def _soon(self) -> None:
+        # a burst of events (a re-list, many pods at once) makes one cycle
+        if not self._cycle_scheduled:
+            self._cycle_scheduled = True
+            asyncio.get_running_loop().call_soon(self.cycle)
+
+    # -- the cycle ------------------------------------------------------------------------
+    def cycle(self) -> None:
+        self._cycle_scheduled = False
         now = time.time()
-        for ticket_id in self.queue.tickets:
-            # their spawners get abandon_seconds to reconnect
-            self.last_followed[ticket_id] = now
-        self.log.info("Restored %d queued spawns from %s", len(self.queue.tickets), self.state_file)
-
-    def _save_state(self) -> None:
-        path = Path(self.state_file)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"tickets": self.queue.to_state()}))
-        tmp.replace(path)
-
-    # -- changes --------------------------------------------------------------
-    def _changed(self, _kind: str | None = None) -> None:
-        # Coalesce bursts of watch events into one recomputation per loop turn.
-        if not self._pending:
-            self._pending = True
-            asyncio.get_running_loop().call_soon(self.recompute)
-
-    def recompute(self) -> None:
-        self._pending = False
-        now = time.time()
-        nodes = list(self.nodes.objects.values())
-        pods = list(self.pods.objects.values())
-        self.capacities = {r: node_capacities(nodes, pods, r) for r in self.resources}
+        changes = self.view.take_changes()
+        for (resource, node), slices in changes.released:
+            pools = [k for k in self.view.pools_of(node) if self.view.pools[k].resource == resource]
+            self.queue.record_release(pools, now, slices)
+        changed = False
         if self.ready:
-            self._record_releases(now)
-            bound = {
-                p["metadata"]["annotations"].get("gpushare.jupyter.org/ticket")
-                for p in pods
-                if p["spec"].get("nodeName")
-            }
-            queue_changed = bool(self.queue.settle(bound - {None}, now))
-            for ticket in self.queue.admit(self.capacities, now):
-                queue_changed = True
+            for ticket in self.queue.settle(changes.bound_tickets, now):
+                changed = True
+                self._gone(ticket, "started" if ticket.id in changes.bound_tickets else "expired")
+            for ticket in self.queue.admit(now):
+                changed = True
                 metrics.QUEUE_EXITS.labels(reason="admitted").inc()
                 metrics.QUEUE_WAIT.observe(max(now - ticket.requested_at, 0))
                 self.log.info(
-                    "Admitted %s (server %r, %d slices) onto %s after %.1fs",
+                    "Admitted %s (%s, %d slices) onto %s after %.1fs",
                     ticket.id,
-                    ticket.server,
+                    ticket.server or "default server",
                     ticket.slices,
                     ticket.node,
                     now - ticket.requested_at,
                 )
-            if queue_changed:
-                self._save_state()
-        self._publish()
+        if changed:
+            self.store.save(self.queue)
+        self._publish(changes.pools)
 
-    def _record_releases(self, now: float) -> None:
-        holders = {
-            f"{h.namespace}/{h.pod}": (resource, node.name, h.slices)
-            for resource, caps in self.capacities.items()
-            for node in caps.values()
-            for h in node.holders
-        }
-        for key, (resource, node_name, slices) in self._holders.items():
-            if key in holders:
+    def _publish(self, changed_pools: set[str]) -> None:
+        """Tell every followed spawn whose status may have changed."""
+        # a new order or new places concern everyone; capacity only its pools
+        places = self.queue.places()
+        everyone = self._publish_all or places is not self._places_published
+        self._publish_all, self._places_published = False, places
+        statuses = {}
+        for ticket_id in list(self.notifier.followed()):
+            ticket = self.queue.tickets.get(ticket_id)
+            if ticket is None:
                 continue
-            node = self.capacities.get(resource, {}).get(node_name)
-            if node is None:
-                continue
-            pools = [
-                p.key
-                for p in self.queue.pools().values()
-                if p.resource == resource and p.matches(node.labels)
-            ]
-            self.queue.record_release(pools, now, slices)
-        self._holders = holders
+            if everyone or ticket.pool.key in changed_pools:
+                statuses[ticket_id] = self.ticket_status(ticket_id).to_json()
+        self.notifier.publish(statuses)
 
-    # -- statuses -------------------------------------------------------------
+    def _gone(self, ticket: Ticket, reason: str) -> None:
+        self.notifier.gone(ticket.id, TicketStatus.gone(ticket.id, reason).to_json())
+
+    # -- statuses ------------------------------------------------------------------------
     def pool_status(self, spec: PoolSpec) -> dict:
-        pool = pool_capacity(spec, self.capacities.get(spec.resource, {}))
-        return pool.summary(waiting=len(self.queue.waiting(spec.key)))
+        waiting = sum(1 for t in self.queue.waiting() if t.pool.key == spec.key)
+        return self.view.pool_summary(spec, waiting)
 
-    def ticket_status(self, ticket_id: str) -> dict:
+    def ticket_status(self, ticket_id: str) -> TicketStatus:
         ticket = self.queue.tickets.get(ticket_id)
         if ticket is None:
-            return {"ticket": ticket_id, "state": GONE}
-        position, waiting = self.queue.position(ticket_id)
-        status = {
-            "ticket": ticket_id,
-            "state": ticket.state,
-            "ready": self.ready,
-            "position": position,
-            "waiting": waiting,
-            "pool": self.pool_status(ticket.pool),
-            "eta_seconds": self.queue.estimated_wait(ticket_id),
-            "requested_at": ticket.requested_at,
-        }
-        if ticket.state == ADMITTED:
-            status["node"] = ticket.node
+            return TicketStatus.gone(ticket_id)
+        status = TicketStatus(
+            ticket=ticket_id,
+            state=ticket.state,
+            ready=self.ready,
+            pool=self.view.pool_summary(ticket.pool, 0),
+            requested_at=ticket.requested_at,
+            kept_place=ticket.kept_place,
+        )
+        if ticket.state == WAITING:
+            place = self.queue.places()[ticket_id]
+            status.position, status.waiting, status.reason = (
+                place.position,
+                place.waiting,
+                place.reason,
+            )
+            status.pool["waiting"] = place.waiting
+            status.eta_seconds = self.queue.estimated_wait(ticket_id)
+        elif ticket.state == ADMITTED:
+            status.node = ticket.node
+        elif ticket.state == HELD:
+            status.held_until = ticket.held_until
         if not self.ready:
-            status["problem"] = self.problem or "reading the cluster's GPU nodes"
+            status.problem = self.problem or NOT_READY
         return status
 
-    def _publish(self) -> None:
-        for ticket_id in set(self.followers) | set(self.statuses):
-            status = self.ticket_status(ticket_id)
-            if self.statuses.get(ticket_id) == status:
-                continue
-            if status["state"] == GONE:
-                self.statuses.pop(ticket_id, None)
-            else:
-                self.statuses[ticket_id] = status
-            for follower in self.followers.get(ticket_id, ()):
-                follower.put_nowait(status)
-        for ticket_id in self.queue.tickets:
-            self.statuses.setdefault(ticket_id, self.ticket_status(ticket_id))
-        metrics.update_queue_lengths(self)
-
-    # -- requests from the hub --------------------------------------------------
-    def join(self, ticket: Ticket, admitted: bool = False) -> dict:
-        existing = ticket.id in self.queue.tickets
-        self.queue.join(ticket)
-        if admitted:
-            # re-joining after our restart with slices it was already given
-            self.queue.restore_admission(ticket.id, self.capacities, time.time())
-        self.last_followed[ticket.id] = time.time()
-        if not existing:
+    # -- requests from the hub ---------------------------------------------------------------
+    def join(self, request: TicketRequest) -> TicketStatus:
+        """Raises LimitReached when the user may not have another GPU server."""
+        now = time.time()
+        known = request.id in self.queue.tickets
+        try:
+            ticket = self.queue.join(request, now)
+        except LimitReached:
+            metrics.QUEUE_REFUSALS.labels(reason="user_limit").inc()
             self.log.info(
-                "%s joined the %s line: %s, %d slices",
+                "%s refused: per-user limit (%s)", request.id, request.server or "default"
+            )
+            raise
+        self.notifier.watch(ticket.id, now)
+        if not known:
+            self.log.info(
+                "%s joined the %s line: %s, %d slices%s",
                 ticket.id,
                 ticket.pool.key,
                 ticket.server or "default server",
                 ticket.slices,
+                " (kept the place of a spawn the hub dropped)" if ticket.kept_place else "",
             )
-        self._save_state()
-        self.recompute()
+        self.store.save(self.queue)
+        self.cycle()
         return self.ticket_status(ticket.id)
 
-    def leave(self, ticket_id: str, reason: str) -> dict | None:
+    def leave(self, ticket_id: str, reason: str) -> TicketStatus | None:
         ticket = self.queue.leave(ticket_id)
         if ticket is None:
             return None
-        if ticket.state == WAITING and reason in metrics.EXIT_REASONS:
+        if ticket.state in (WAITING, HELD) and reason in metrics.EXIT_REASONS:
             metrics.QUEUE_EXITS.labels(reason=reason).inc()
         self.log.info("%s left the line (%s)", ticket_id, reason)
-        self.last_followed.pop(ticket_id, None)
-        self._save_state()
-        self.recompute()
-        return {"ticket": ticket_id, "state": GONE, "reason": reason}
+        self._gone(ticket, reason)
+        self.store.save(self.queue)
+        self.cycle()
+        return TicketStatus.gone(ticket_id, reason)
 
     def follow(self, ticket_id: str) -> asyncio.Queue:
-        follower: asyncio.Queue = asyncio.Queue()
-        self.followers.setdefault(ticket_id, set()).add(follower)
-        follower.put_nowait(self.ticket_status(ticket_id))
+        # a spawn that follows its ticket is alive: after a restart, that confirms it
+        self.queue.confirm(ticket_id)
+        follower = self.notifier.follow(ticket_id, self.ticket_status(ticket_id).to_json())
+        self._soon()
         return follower
 
     def unfollow(self, ticket_id: str, follower: asyncio.Queue) -> None:
-        followers = self.followers.get(ticket_id, set())
-        followers.discard(follower)
-        if not followers:
-            self.followers.pop(ticket_id, None)
-        self.last_followed[ticket_id] = time.time()
+        self.notifier.unfollow(ticket_id, follower)
 
-    async def _expire_loop(self) -> None:
+    # -- housekeeping ----------------------------------------------------------------------
+    async def _housekeeping_loop(self) -> None:
+        interval = max(min(self.reconnect_seconds / 5, 2.0), 0.2)
         while True:
-            await asyncio.sleep(min(self.abandon_seconds / 3, 5))
-            self.expire(time.time())
+            await asyncio.sleep(interval)
+            try:
+                self.housekeeping(time.time())
+            except Exception:  # never let one bad turn end the loop for good
+                self.log.exception("Queue housekeeping failed; trying again")
 
-    def expire(self, now: float) -> list[str]:
-        """Drop waiting spawns nobody has followed for abandon_seconds."""
-        gone = [
-            t.id
-            for t in self.queue.waiting()
-            if t.id not in self.followers
-            and now - self.last_followed.get(t.id, now) > self.abandon_seconds
-        ]
-        for ticket_id in gone:
-            self.leave(ticket_id, "abandoned")
-        if self.queue.settle((), now):
-            self._save_state()
-            self.recompute()
-        return gone
+    def housekeeping(self, now: float) -> None:
+        """Spawns that went away lose their bookings; held places run out; unused
+        bookings expire."""
+        changed = False
+        for ticket_id in self.notifier.alone(self.reconnect_seconds, now):
+            ticket = self.queue.tickets.get(ticket_id)
+            if ticket is not None and ticket.confirmed and ticket.state in (WAITING, ADMITTED):
+                self.queue.hold(ticket_id, now)
+                changed = True
+                self.log.info(
+                    "%s: its spawn went away (nobody followed it for %.0fs); "
+                    "its place is held for %.0fs",
+                    ticket_id,
+                    self.reconnect_seconds,
+                    self.hold_seconds,
+                )
+        left, held = self.queue.expire(now)
+        for ticket in held:
+            changed = True
+            self.log.info("%s did not come back after the restart; its place is held", ticket.id)
+        for ticket in left:
+            changed = True
+            metrics.QUEUE_EXITS.labels(reason="abandoned").inc()
+            self.log.info("%s: nobody came back for its held place; it left the line", ticket.id)
+            self._gone(ticket, "abandoned")
+        self.notifier.prune(set(self.queue.tickets))
+        if changed:
+            self.store.save(self.queue)
+        self.cycle()
 
+    # -- reading -------------------------------------------------------------------------------
     def pools(self) -> Iterable[PoolSpec]:
-        """Every pool worth showing: each resource overall, each product, each queued pool."""
+        """Every pool worth showing: each resource, each product, each queued pool."""
         seen: dict[str, PoolSpec] = {}
-        for resource, caps in self.capacities.items():
-            if not caps:
+        for resource in self.resources:
+            totals = self.view.totals[resource]
+            if totals.nodes <= 0:
                 continue
-            seen.setdefault(resource, PoolSpec(resource))
-            for node in caps.values():
-                spec = PoolSpec.from_selector(resource, {"nvidia.com/gpu.product": node.product})
-                seen.setdefault(spec.key, spec)
-        seen.update(self.queue.pools())
+            seen[resource] = PoolSpec(resource)
+            for product, count in totals.products.items():
+                if count > 0:
+                    spec = PoolSpec.from_selector(resource, {PRODUCT_LABEL: product})
+                    seen.setdefault(spec.key, spec)
+        for ticket in self.queue.tickets.values():
+            seen.setdefault(ticket.pool.key, ticket.pool)
         return sorted(seen.values(), key=lambda p: p.key)
+
+    def snapshot(self) -> metrics.Snapshot:
+        nodes = [
+            metrics.NodeSlices(name, product, resource, total, used, booked, free)
+            for resource in self.resources
+            for name, product, total, used, booked, free in self.view.slices(resource)
+        ]
+        waiting: dict[str, int] = {t.pool.key: 0 for t in self.queue.tickets.values()}
+        for ticket in self.queue.waiting():
+            waiting[ticket.pool.key] += 1
+        return metrics.Snapshot(
+            ready=self.ready, nodes=nodes, waiting=waiting, held=len(self.queue.held())
+        )
+
+
+__all__ = ["GONE", "Dispatcher"]

@@ -1,10 +1,16 @@
-"""HTTP handlers of the service. Every one checks who is asking.
+"""HTTP handlers of the service. Every one checks who is asking, first.
 
 - users (through the hub's OAuth or a token with ``access:services``) see
   aggregate capacity and their own place in line, never other users' names;
-- admins see everything;
-- only the hub, with the shared secret its spawners hold, may add spawns to
-  the line, take them out, or follow them.
+- admin views (every user's place, who holds which slice, activity) need a
+  token whose scopes let it read every user's servers (``list:users`` and
+  ``read:servers``): what those views show;
+- only the hub, with the secret its spawners hold, may add spawns to the line,
+  take them out, or follow them.
+
+Who is asking is settled before a single byte of a request body is read, and
+bodies are small: a request that is not allowed, or too large, costs nothing.
+Every refusal is a 4xx with a JSON body.
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
-import re
 import time
 from http import HTTPStatus
 
@@ -22,39 +26,92 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..capacity import PoolSpec
-from ..fairqueue import Ticket
+from ..fairqueue import LimitReached
+from ..tickets import GONE, HUB_SECRET_HEADER, TicketError, TicketRequest
+from .dispatcher import NOT_READY
+from .hubapi import HubAPIError
 
-HUB_SECRET_HEADER = "X-Gpushare-Hub-Secret"
-TICKET_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-MAX_SLICES = 1024
-MAX_NAME = 255
+# The largest request body the service reads: a ticket is a few hundred bytes.
+MAX_BODY_BYTES = 64 * 1024
+
+HUB, USER, ADMIN, ANYONE = "hub", "user", "admin", "anyone"
+# What an admin view shows (every user's name and servers) is what these scopes read.
+ADMIN_SCOPES = frozenset({"list:users", "read:servers"})
 
 
 class APIError(web.HTTPError):
-    pass
+    """A refusal with a message for whoever sent the request."""
 
 
+@web.stream_request_body
 class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    # who may call each method: HUB (the shared secret), USER (anyone logged in,
+    # admins included), ADMIN, or ANYONE
+    access: dict[str, frozenset[str]] = {}
+
+    def initialize(self) -> None:
+        self._body = bytearray()
+        self.caller_kinds: frozenset[str] = frozenset()
+
     @property
     def dispatcher(self):
         return self.settings["dispatcher"]
 
+    def allowed(self) -> frozenset[str]:
+        return self.access.get(self.request.method, frozenset())
+
     async def prepare(self) -> None:
-        # Resolve the caller without blocking the event loop (HubAuth's sync
-        # mode would run a request to the hub in a thread).
-        if self.request.headers.get(HUB_SECRET_HEADER):
-            return
+        self.caller_kinds = await self._identify() | {ANYONE}
+        allowed = self.allowed()
+        if not allowed & self.caller_kinds:
+            if self.caller_kinds == {ANYONE}:
+                raise APIError(403, "log in to JupyterHub (or send a token) to use this service")
+            if allowed == {HUB}:
+                raise APIError(403, "only the hub may change the queue")
+            raise APIError(403, "only JupyterHub admins may see this")
+        length = self.request.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            raise APIError(413, f"request bodies are at most {MAX_BODY_BYTES} bytes")
+
+    async def _identify(self) -> frozenset[str]:
+        """HUB for the shared secret; USER (and ADMIN) for a user's token or cookie.
+
+        Resolved without blocking the event loop (HubAuth's sync mode would ask
+        the hub from a thread).
+        """
         self._hub_auth_user_cache = None
+        given = self.request.headers.get(HUB_SECRET_HEADER)
+        if given is not None:
+            secret = self.settings["hub_secret"]
+            if secret and hmac.compare_digest(given.encode(), secret.encode()):
+                return frozenset({HUB})
+            return frozenset()
         model = await self.hub_auth.get_user(self, sync=False)
-        if model:
-            try:
-                self._hub_auth_user_cache = self.check_hub_user(model)
-            except UserNotAllowed:
-                self._hub_auth_user_cache = None
+        if not model:
+            return frozenset()
+        try:
+            self._hub_auth_user_cache = self.check_hub_user(model)
+        except UserNotAllowed:
+            return frozenset()
+        scopes = self.hub_auth.check_scopes(ADMIN_SCOPES, model)
+        return frozenset({USER, ADMIN}) if scopes == ADMIN_SCOPES else frozenset({USER})
 
     def get_current_user(self):
         return getattr(self, "_hub_auth_user_cache", None)
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN in self.caller_kinds
+
+    @property
+    def is_hub(self) -> bool:
+        return HUB in self.caller_kinds
+
+    def data_received(self, chunk: bytes) -> None:
+        # Content-Length was checked in prepare(); Tornado's max_body_size
+        # (set to MAX_BODY_BYTES on the server) cuts off chunked bodies.
+        if len(self._body) + len(chunk) <= MAX_BODY_BYTES:
+            self._body += chunk
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None))[1]
@@ -62,97 +119,78 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         if status_code >= 500:
             message = "internal error; see the service's log"
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
+        body = {"status": status_code, "message": message}
+        body.update(getattr(exc, "extra", None) or {})
+        self.finish(json.dumps(body))
 
     def write_json(self, data) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(data))
 
-    # -- who is asking ----------------------------------------------------------
-    def is_hub(self) -> bool:
-        given = self.request.headers.get(HUB_SECRET_HEADER, "")
-        secret = self.settings["hub_secret"]
-        return bool(secret) and hmac.compare_digest(given.encode(), secret.encode())
-
-    def require_user(self) -> dict:
-        user = self.current_user
-        if not user:
-            raise APIError(403, "log in to JupyterHub (or send a token) to use this service")
-        return user
-
-    def require_admin(self) -> dict:
-        user = self.require_user()
-        if not user.get("admin"):
-            raise APIError(403, "only JupyterHub admins may see this")
-        return user
-
-    def require_hub(self) -> None:
-        if not self.is_hub():
-            raise APIError(403, "only the hub may change the queue")
-
-    def parse_json(self) -> dict:
+    def parse_json(self) -> object:
         try:
-            body = json.loads(self.request.body or b"null")
+            return json.loads(bytes(self._body) or b"null")
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
+
+    def problem(self) -> str | None:
+        """Why the cluster view is not ready: in detail for admins and the hub."""
+        d = self.dispatcher
+        if d.ready:
+            return None
+        return (d.problem or NOT_READY) if (self.is_admin or self.is_hub) else NOT_READY
 
 
 class CapacityHandler(BaseHandler):
     """Free and total slices per pool: aggregate numbers any user may see."""
 
+    access = {"GET": frozenset({HUB, USER})}
+
     def get(self) -> None:
-        if not self.is_hub():
-            self.require_user()
         d = self.dispatcher
         self.write_json(
             {
                 "ready": d.ready,
-                "problem": None if d.ready else (d.problem or "reading the cluster"),
+                "problem": self.problem(),
                 "pools": [d.pool_status(spec) for spec in d.pools()],
             }
         )
 
 
-def public_ticket(status: dict) -> dict:
-    """A ticket's status without anything that names other users."""
-    return {
-        k: status[k]
-        for k in ("ticket", "state", "position", "waiting", "pool", "eta_seconds")
-        if k in status
-    }
-
-
 class QueueHandler(BaseHandler):
     """The caller's own queue entries; admins get the whole queue with names."""
 
+    access = {"GET": frozenset({USER})}
+
     def get(self) -> None:
-        user = self.require_user()
         d = self.dispatcher
+        name = self.current_user["name"]
         entries = []
         for ticket in sorted(d.queue.tickets.values(), key=lambda t: t.order):
-            if user.get("admin"):
-                entry = d.ticket_status(ticket.id)
-                entry.update(user=ticket.user, server=ticket.server, slices=ticket.slices)
-                entries.append(entry)
-            elif ticket.user == user["name"]:
-                entry = public_ticket(d.ticket_status(ticket.id))
-                entry.update(server=ticket.server, slices=ticket.slices)
-                entries.append(entry)
+            if not (self.is_admin or ticket.user == name):
+                continue
+            status = d.ticket_status(ticket.id)
+            entry = status.to_json() if self.is_admin else status.public()
+            if not self.is_admin:
+                entry.pop("problem", None)
+            entry.update(server=ticket.server, slices=ticket.slices)
+            if self.is_admin:
+                entry["user"] = ticket.user
+            entries.append(entry)
         self.write_json({"entries": entries})
 
 
 class NodesHandler(BaseHandler):
     """Per-node capacity with who holds the slices: admins only."""
 
+    access = {"GET": frozenset({ADMIN})}
+
     def get(self) -> None:
-        self.require_admin()
+        d = self.dispatcher
         nodes = []
-        for resource, caps in self.dispatcher.capacities.items():
-            for node in sorted(caps.values(), key=lambda n: n.name):
+        for resource in d.resources:
+            for node in sorted(d.view.capacities(resource).values(), key=lambda n: n.name):
                 nodes.append(
                     {
                         "name": node.name,
@@ -165,7 +203,8 @@ class NodesHandler(BaseHandler):
                         "schedulable": node.schedulable,
                         "slices_total": node.total,
                         "slices_used": node.used,
-                        "slices_free": node.free,
+                        "slices_booked": min(node.booked, node.free),
+                        "slices_free": node.available,
                         "holders": [
                             {
                                 "user": h.user,
@@ -179,121 +218,77 @@ class NodesHandler(BaseHandler):
                         ],
                     }
                 )
-        self.write_json({"ready": self.dispatcher.ready, "nodes": nodes})
-
-
-def parse_ticket(body: dict, resources: list[str]) -> tuple[Ticket, bool]:
-    """Validate a spawn's request to join the line; every problem is a 400."""
-
-    def field(name: str, kind: type | tuple, required: bool = True):
-        if name not in body:
-            if required:
-                raise APIError(400, f"missing field {name!r}")
-            return None
-        value = body[name]
-        if isinstance(value, bool) and kind is not bool:
-            raise APIError(400, f"field {name!r} has the wrong type")
-        if not isinstance(value, kind):
-            raise APIError(400, f"field {name!r} has the wrong type")
-        return value
-
-    ticket_id = field("id", str)
-    if not TICKET_ID.match(ticket_id):
-        raise APIError(400, "field 'id' must be 1-128 letters, digits, '.', '_' or '-'")
-    user = field("user", str)
-    server = field("server", str, required=False) or ""
-    if not user or len(user) > MAX_NAME or len(server) > MAX_NAME:
-        raise APIError(400, f"fields 'user' and 'server' must be 1-{MAX_NAME} characters")
-    slices = field("slices", int)
-    if not 1 <= slices <= MAX_SLICES:
-        raise APIError(400, f"field 'slices' must be between 1 and {MAX_SLICES}")
-    requested_at = field("requested_at", (int, float))
-    if not math.isfinite(requested_at) or requested_at > time.time() + 300 or requested_at < 0:
-        raise APIError(400, "field 'requested_at' must be a Unix time, not in the future")
-    pool = field("pool", dict)
-    resource = pool.get("resource")
-    if resource not in resources:
-        raise APIError(400, f"unknown pool: resource {resource!r} is not one of {resources}")
-    selector = pool.get("selector") or {}
-    if (
-        not isinstance(selector, dict)
-        or len(selector) > 32
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items())
-        or any(len(k) > 317 or len(v) > 63 for k, v in selector.items())
-    ):
-        raise APIError(400, "field 'pool.selector' must map label names to label values")
-    admitted = field("admitted", bool, required=False) or False
-    ticket = Ticket(
-        id=ticket_id,
-        user=user,
-        server=server,
-        slices=slices,
-        pool=PoolSpec.from_selector(resource, selector),
-        requested_at=float(requested_at),
-    )
-    return ticket, admitted
+        self.write_json({"ready": d.ready, "problem": self.problem(), "nodes": nodes})
 
 
 class TicketsHandler(BaseHandler):
-    """POST: a spawn joins (or re-joins) the line. Hub only."""
+    """POST: a spawn joins (or joins again) the line. Hub only."""
 
-    def check_xsrf_cookie(self) -> None:
-        # the hub authenticates with a header, not a cookie
-        pass
+    access = {"POST": frozenset({HUB})}
 
     def post(self) -> None:
-        self.require_hub()
-        ticket, admitted = parse_ticket(self.parse_json(), self.dispatcher.resources)
+        try:
+            request = TicketRequest.from_json(self.parse_json(), self.dispatcher.resources)
+        except TicketError as e:
+            raise APIError(400, str(e)) from None
+        try:
+            status = self.dispatcher.join(request)
+        except LimitReached as e:
+            error = APIError(409, str(e))
+            error.extra = {"reason": "user_limit"}
+            raise error from None
         self.set_status(201)
-        self.write_json(self.dispatcher.join(ticket, admitted=admitted))
+        self.write_json(status.to_json())
 
 
 class TicketHandler(BaseHandler):
     """GET a spawn's status, DELETE it from the line. Hub only."""
 
-    def check_xsrf_cookie(self) -> None:
-        pass
+    access = {"GET": frozenset({HUB}), "DELETE": frozenset({HUB})}
+    reasons = ("cancelled", "timeout", "admitted", "started")
 
     def get(self, ticket_id: str) -> None:
-        self.require_hub()
         status = self.dispatcher.ticket_status(ticket_id)
-        if status["state"] == "gone":
+        if status.state == GONE:
             raise APIError(404, "no such spawn in the line")
-        self.write_json(status)
+        self.write_json(status.to_json())
 
     def delete(self, ticket_id: str) -> None:
-        self.require_hub()
         reason = self.get_argument("reason", "cancelled")
-        if reason not in ("cancelled", "timeout", "admitted"):
-            raise APIError(400, "reason must be 'cancelled', 'timeout' or 'admitted'")
+        if reason not in self.reasons:
+            raise APIError(400, f"reason must be one of {', '.join(self.reasons)}")
         result = self.dispatcher.leave(ticket_id, reason)
         if result is None:
             raise APIError(404, "no such spawn in the line")
-        self.write_json(result)
+        self.write_json(result.to_json())
 
 
 class TicketEventsHandler(BaseHandler):
-    """Server-sent events with a spawn's status on every change. Hub only."""
+    """Server-sent events with a spawn's status on every change. Hub only.
 
+    The hub keeps this stream open for as long as the spawn lasts: that is how
+    the service knows the spawn is still there.
+    """
+
+    access = {"GET": frozenset({HUB})}
     keepalive_seconds = 10
 
     async def get(self, ticket_id: str) -> None:
-        self.require_hub()
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-store")
         follower = self.dispatcher.follow(ticket_id)
         try:
             while True:
                 try:
-                    status = await _wait(follower, self.keepalive_seconds)
-                except TimeoutError:
+                    status = await asyncio.wait_for(follower.get(), self.keepalive_seconds)
+                except asyncio.TimeoutError:
                     # also how a closed connection is noticed, at the write
                     self.write(":keepalive\n\n")
                     await self.flush()
                     continue
                 self.write(f"data: {json.dumps(status)}\n\n")
                 await self.flush()
-                if status.get("state") == "gone":
+                if status.get("state") == GONE:
                     break
         except StreamClosedError:
             pass
@@ -301,27 +296,26 @@ class TicketEventsHandler(BaseHandler):
             self.dispatcher.unfollow(ticket_id, follower)
 
 
-async def _wait(follower: asyncio.Queue, timeout: float) -> dict:
-    try:
-        return await asyncio.wait_for(follower.get(), timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError from None
-
-
 class MetricsHandler(BaseHandler):
     """Prometheus metrics: admins, tokens with read:metrics, or the hub."""
 
+    access = {"GET": frozenset({HUB, USER})}
+
+    def allowed(self) -> frozenset[str]:
+        if not self.settings["authenticate_prometheus"]:
+            return frozenset({ANYONE})
+        return super().allowed()
+
     def get(self) -> None:
-        if self.settings["authenticate_prometheus"] and not self.is_hub():
-            user = self.require_user()
-            if not (user.get("admin") or "read:metrics" in user.get("scopes", [])):
+        if self.settings["authenticate_prometheus"] and not (self.is_hub or self.is_admin):
+            if not self.hub_auth.check_scopes({"read:metrics"}, self.current_user):
                 raise APIError(403, "metrics need an admin or a token with read:metrics")
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest())
 
 
 class NotFoundHandler(BaseHandler):
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         raise APIError(404, "no such endpoint")
 
 
@@ -329,25 +323,18 @@ class ActivityHandler(BaseHandler):
     """When the hub last saw each active user and server: admins only.
 
     The admin panel shows it beside who holds which slice. The hub is asked at
-    most once per ``cache_seconds`` however many panels poll, and by at most
-    ``max_concurrent`` requests at a time.
+    most once per ``cache_seconds`` however many panels poll.
     """
 
+    access = {"GET": frozenset({ADMIN})}
     cache_seconds = 10.0
-    max_concurrent = 4
-    page_limit = 200
     _cache: tuple[float, dict] | None = None
-    _inflight = None  # the running fetch, which every panel that asks meanwhile awaits
-    _semaphore = None
+    _inflight: asyncio.Future | None = None  # the fetch every panel asking meanwhile awaits
 
     async def get(self) -> None:
-        self.require_admin()
-        activity = await self.activity()
-        self.write_json({"now": time.time(), **activity})
+        self.write_json({"now": time.time(), **await self.activity()})
 
     async def activity(self) -> dict:
-        import asyncio
-
         cls = type(self)
         if cls._cache is not None and time.monotonic() - cls._cache[0] < cls.cache_seconds:
             return cls._cache[1]
@@ -358,47 +345,10 @@ class ActivityHandler(BaseHandler):
         return result
 
     async def _fetch(self) -> dict:
-        from tornado.log import app_log
-
+        hub = self.settings["hub_api"]
+        users = {}
         try:
-            users = await self.fetch_active_users(self.hub_auth.api_url, self.hub_auth.api_token)
-        except Exception as e:  # the panel still shows everything else
-            app_log.warning("Could not read users' activity from the hub: %s", e)
-            return {"available": False, "problem": "the hub did not answer", "users": {}}
-        return {"available": True, "fetched_at": time.time(), "users": users}
-
-    @classmethod
-    async def fetch_active_users(cls, api_url: str, token: str) -> dict[str, dict]:
-        """``{name: {"last_activity", "servers": {server: last_activity}}}`` of
-        every user with a running or pending server, page by page."""
-        import asyncio
-
-        from tornado.httpclient import AsyncHTTPClient
-        from tornado.httputil import url_concat
-
-        if cls._semaphore is None:
-            cls._semaphore = asyncio.Semaphore(cls.max_concurrent)
-        users: dict[str, dict] = {}
-        offset = 0
-        while True:
-            url = url_concat(
-                api_url.rstrip("/") + "/users",
-                {"state": "active", "offset": offset, "limit": cls.page_limit},
-            )
-            async with cls._semaphore:
-                response = await AsyncHTTPClient().fetch(
-                    url,
-                    headers={
-                        "Authorization": f"token {token}",
-                        # pages that say whether more follow, instead of a bare list
-                        "Accept": "application/jupyterhub-pagination+json",
-                    },
-                    request_timeout=10,
-                )
-            body = json.loads(response.body)
-            paginated = isinstance(body, dict)
-            items = body.get("items", []) if paginated else body
-            for user in items:
+            async for user in hub.users(state="active"):
                 users[user["name"]] = {
                     "last_activity": user.get("last_activity"),
                     "servers": {
@@ -406,7 +356,7 @@ class ActivityHandler(BaseHandler):
                         for name, server in (user.get("servers") or {}).items()
                     },
                 }
-            following = (body.get("_pagination") or {}).get("next") if paginated else None
-            if not following or not items:
-                return users
-            offset = int(following.get("offset", offset + len(items)))
+        except HubAPIError as e:  # the panel still shows everything else
+            hub.log.warning("Could not read users' activity from the hub: %s", e)
+            return {"available": False, "problem": "the hub did not answer", "users": {}}
+        return {"available": True, "fetched_at": time.time(), "users": users}

@@ -1,25 +1,28 @@
 """Prometheus metrics of the service, named in JupyterHub's style.
 
-Counters and histograms are updated as things happen; slice gauges are read
-from the current watch caches at scrape time, so deleted nodes leave no stale
-series behind.
+A leaf module: it imports nothing of the service. Counters and histograms are
+updated as things happen, with every label value created up front; gauges of
+the cluster and the line are read at scrape time from a :class:`Snapshot`
+that the service hands over, so a deleted node or pool leaves no stale series.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-if TYPE_CHECKING:
-    from .dispatcher import Dispatcher
-
 PREFIX = os.environ.get("JUPYTERHUB_METRICS_PREFIX", "jupyterhub")
 
+# why a spawn left the line: admitted; cancelled (Stop, REST API, start failed);
+# timeout (queue_timeout); abandoned (its place was held after its spawn went
+# away, and nobody came back for it)
 EXIT_REASONS = ("admitted", "cancelled", "timeout", "abandoned")
+REFUSAL_REASONS = ("user_limit",)
 
 QUEUE_EXITS = Counter(
     "gpushare_queue_exits",
@@ -30,6 +33,15 @@ QUEUE_EXITS = Counter(
 for _reason in EXIT_REASONS:
     QUEUE_EXITS.labels(reason=_reason)
 
+QUEUE_REFUSALS = Counter(
+    "gpushare_queue_refusals",
+    "Spawns refused a place in the GPU queue, by why",
+    ["reason"],
+    namespace=PREFIX,
+)
+for _reason in REFUSAL_REASONS:
+    QUEUE_REFUSALS.labels(reason=_reason)
+
 QUEUE_WAIT = Histogram(
     "gpushare_queue_wait_duration_seconds",
     "Time spawns waited in the GPU queue before they were admitted",
@@ -37,55 +49,69 @@ QUEUE_WAIT = Histogram(
     buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, float("inf")),
 )
 
-QUEUE_LENGTH = Gauge(
-    "gpushare_queue_length",
-    "Spawns waiting for GPU slices, per pool",
-    ["pool"],
-    namespace=PREFIX,
-)
+
+@dataclass
+class NodeSlices:
+    node: str
+    product: str
+    resource: str
+    total: int
+    used: int
+    booked: int
+    free: int  # neither used nor booked
 
 
-def update_queue_lengths(dispatcher: Dispatcher) -> None:
-    lengths = {key: 0 for key in dispatcher.queue.pools()}
-    for ticket in dispatcher.queue.waiting():
-        lengths[ticket.pool.key] += 1
-    for key, value in lengths.items():
-        QUEUE_LENGTH.labels(pool=key).set(value)
-    for labels in list(QUEUE_LENGTH._metrics):
-        if labels[0] not in lengths:
-            QUEUE_LENGTH.labels(pool=labels[0]).set(0)
+@dataclass
+class Snapshot:
+    """What the gauges show, taken when Prometheus scrapes."""
+
+    ready: bool
+    nodes: list[NodeSlices] = field(default_factory=list)
+    waiting: dict[str, int] = field(default_factory=dict)  # per pool key
+    held: int = 0
 
 
-class SliceCollector(Collector):
-    """Slices per node and product, read from the watch caches at scrape time."""
-
-    def __init__(self, dispatcher: Dispatcher):
-        self.dispatcher = dispatcher
+class SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self):
+        snap = self.snapshot()
         slices = GaugeMetricFamily(
             f"{PREFIX}_gpushare_node_slices",
-            "GPU slices per node, by state (total, used, free)",
+            "GPU slices per node, by state (total; used by pods; booked for admitted "
+            "spawns; free: neither)",
             labels=["node", "product", "resource", "state"],
         )
+        for n in snap.nodes:
+            for state, value in (
+                ("total", n.total),
+                ("used", n.used),
+                ("booked", n.booked),
+                ("free", n.free),
+            ):
+                slices.add_metric([n.node, n.product, n.resource, state], value)
         ready = GaugeMetricFamily(
             f"{PREFIX}_gpushare_cluster_view_ready",
             "1 when the service has a consistent view of the cluster's GPU nodes",
         )
-        ready.add_metric([], 1 if self.dispatcher.ready else 0)
-        for resource, caps in self.dispatcher.capacities.items():
-            for node in caps.values():
-                for state, value in (
-                    ("total", node.total),
-                    ("used", node.used),
-                    ("free", node.free),
-                ):
-                    slices.add_metric([node.name, node.product, resource, state], value)
-        yield slices
-        yield ready
+        ready.add_metric([], 1 if snap.ready else 0)
+        length = GaugeMetricFamily(
+            f"{PREFIX}_gpushare_queue_length",
+            "Spawns waiting for GPU slices, per pool",
+            labels=["pool"],
+        )
+        for pool, count in sorted(snap.waiting.items()):
+            length.add_metric([pool], count)
+        held = GaugeMetricFamily(
+            f"{PREFIX}_gpushare_queue_held_places",
+            "Places in line kept for spawns that went away (a hub restart), for a while",
+        )
+        held.add_metric([], snap.held)
+        yield from (slices, ready, length, held)
 
 
-def register(dispatcher: Dispatcher) -> SliceCollector:
-    collector = SliceCollector(dispatcher)
+def register(snapshot: Callable[[], Snapshot]) -> SnapshotCollector:
+    collector = SnapshotCollector(snapshot)
     REGISTRY.register(collector)
     return collector

@@ -19,7 +19,7 @@ from pathlib import Path
 from jupyterhub.utils import url_path_join
 from tornado import web
 
-from .handlers import BaseHandler
+from .handlers import ANYONE, APIError, BaseHandler
 
 HERE = Path(__file__).parent
 TEMPLATES = str(HERE / "templates")
@@ -40,6 +40,9 @@ STATIC_VERSION = _static_version()
 class PageHandler(BaseHandler):
     """A page of the service: logged in through the hub, framed only by the same origin."""
 
+    # anyone may ask: @web.authenticated sends visitors to the hub's login
+    access = {"GET": frozenset({ANYONE})}
+
     def set_default_headers(self) -> None:
         # Only pages of this origin (the hub's admin page) may frame ours.
         self.set_header("Content-Security-Policy", "frame-ancestors 'self'")
@@ -57,7 +60,7 @@ class PageHandler(BaseHandler):
             prefix=prefix,
             hub_home=url_path_join(self.hub_auth.hub_prefix, "home"),
             user_name=user["name"],
-            is_admin=bool(user.get("admin")),
+            is_admin=self.is_admin,
             # sent back by the script as X-XSRFToken: the hub's OAuth cookie is
             # only accepted on fetch() requests that carry it
             xsrf=token.decode("ascii") if isinstance(token, bytes) else token,
@@ -71,7 +74,7 @@ class ServicePageHandler(PageHandler):
 
     @web.authenticated
     def get(self) -> None:
-        self.render_page("admin" if self.current_user.get("admin") else "user")
+        self.render_page("admin" if self.is_admin else "user")
 
 
 class PanelPageHandler(PageHandler):
@@ -79,5 +82,6 @@ class PanelPageHandler(PageHandler):
 
     @web.authenticated
     def get(self) -> None:
-        self.require_admin()
+        if not self.is_admin:
+            raise APIError(403, "only JupyterHub admins may see this")
         self.render_page("embedded")
