@@ -107,8 +107,9 @@ def unique(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def hub_factory(cluster: LocalCluster, namespace: str):
-    """Start real hubs; each is stopped at the end of the module."""
+async def hub_factory(cluster: LocalCluster, namespace: str, core: client.CoreV1Api):
+    """Start real hubs; each is stopped at the end of the module, and the user
+    servers it leaves behind (z2jh's hubs leave them running) are deleted."""
     hubs: list[LocalHub] = []
 
     def start(extra_config: str = "", kubeconfig: Path | None = None, **kwargs) -> LocalHub:
@@ -123,3 +124,6 @@ def hub_factory(cluster: LocalCluster, namespace: str):
         hub.stop()
         if not os.environ.get("GPUSHARE_KEEP_CLUSTER_LOGS"):
             shutil.rmtree(hub.run_dir, ignore_errors=True)
+    await core.delete_collection_namespaced_pod(
+        namespace, label_selector="component=singleuser-server", grace_period_seconds=0
+    )

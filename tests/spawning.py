@@ -26,14 +26,14 @@ async def request_server(hub: LocalHub, name: str, options: dict | None = None) 
     return response.status_code
 
 
-async def wait_ready(hub: LocalHub, name: str, timeout: float = 120) -> dict:
+async def wait_ready(hub: LocalHub, name: str, timeout: float = 120, server: str = "") -> dict:
     async def ready():
         async with hub.api_client() as api:
             user = (await api.get(f"/users/{name}")).json()
-        server = user["servers"].get("")
-        return server if server and server["ready"] else None
+        found = user["servers"].get(server)
+        return found if found and found["ready"] else None
 
-    return await wait_for(ready, timeout, f"{name}'s server to be ready", interval=0.3)
+    return await wait_for(ready, timeout, f"{name}'s server {server!r} to be ready", interval=0.3)
 
 
 async def progress_events(hub: LocalHub, name: str, timeout: float = 60) -> list[dict]:
@@ -78,19 +78,24 @@ def process_environment(cluster: LocalCluster, pod) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
 
-async def wait_event(hub: LocalHub, name: str, predicate, timeout: float = 60) -> dict:
+async def wait_event(
+    hub: LocalHub, name: str, predicate, timeout: float = 60, server: str = ""
+) -> dict:
     """The first progress event of ``name``'s spawn for which ``predicate`` holds.
 
     Opens the real progress stream (as the spawn page does); each new stream
     starts with the current state, so this also reads "where am I now".
+    ``predicate`` may match the final event (failed or ready) too.
     """
     import asyncio
 
+    path = (
+        f"/users/{name}/servers/{server}/progress" if server else f"/users/{name}/server/progress"
+    )
+
     async def read() -> dict:
         async with hub.api_client() as api:
-            async with api.stream(
-                "GET", f"/users/{name}/server/progress", timeout=timeout
-            ) as response:
+            async with api.stream("GET", path, timeout=timeout) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data:"):
                         event = json.loads(line[5:])

@@ -52,9 +52,12 @@ c.KubeSpawner.profile_list = [
     {{"display_name": "H200", "slug": "h200",
      "kubespawner_override": {{"node_selector": {{"gpushare.dev/pool": "h200"}}}}}},
 ]
-# may open the admin page (JupyterHub's admin-ui) without being an admin
+# may open the admin page (JupyterHub's admin-ui) and see user names, not servers
 c.JupyterHub.load_roles = list(c.JupyterHub.load_roles) + [
     {{"name": "admin-page-viewer", "users": ["viewer"],
+     "scopes": ["admin-ui", "list:users", "read:users:name"]}},
+    # no admin, but may read every user's servers: what the panel shows
+    {{"name": "server-auditor", "users": ["auditor"],
      "scopes": ["admin-ui", "list:users", "read:users", "read:servers"]}},
 ]
 """
@@ -410,7 +413,8 @@ async def test_service_page_for_users_and_admins(hub, scene, browser):
 async def test_non_admins_never_get_the_panel(hub, scene, browser):
     from playwright.async_api import expect
 
-    # "viewer" may open JupyterHub's admin page (admin-ui) but is no admin
+    # "viewer" may open JupyterHub's admin page (admin-ui) and list names, but
+    # may not read other users' servers: the panel, which shows them, stays closed
     session = None
     context = await browser.new_context()
     try:
@@ -448,6 +452,25 @@ async def test_non_admins_never_get_the_panel(hub, scene, browser):
         assert session.dialogs == []
     finally:
         await context.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.hub
+async def test_the_panel_follows_the_tokens_scopes_not_the_admin_flag(hub, scene, browser):
+    from playwright.async_api import expect
+
+    # "auditor" is no admin, but may read every user's servers: the panel is theirs
+    session, page = await log_in(browser, hub, "auditor", "/hub/admin")
+    try:
+        frame = await panel_frame(page)
+        await expect(frame.locator('[data-gs="waiting"] .gs-metric-value')).to_have_text("3")
+        await page.goto(hub.url + "/services/gpushare/")
+        await expect(page.locator("#gpushare")).to_have_attribute("data-loaded", "true")
+        status, body = await fetch_from_page(page, "api/queue")
+        assert status == 200 and "margaret" in body
+        assert session.dialogs == []
+    finally:
+        await session.close()
 
 
 @pytest.mark.cluster

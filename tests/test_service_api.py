@@ -6,13 +6,22 @@ hub; every refusal is a 4xx with a JSON body, never a 5xx.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import re
+import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from jupyterhub_gpushare.testing.cluster import free_port
+from jupyterhub_gpushare.testing.slowproxy import kubeconfig_via
 from jupyterhub_gpushare.testing.waiting import wait_for
 from tests.spawning import user_token
+from tests.test_queue import service_pid
 
 pytestmark = [pytest.mark.cluster, pytest.mark.hub]
 
@@ -259,3 +268,99 @@ async def test_metrics_in_jupyterhub_style(hub, callers, gpu_nodes):
         assert f'jupyterhub_gpushare_queue_exits_total{{reason="{reason}"}}' in text
     assert "jupyterhub_gpushare_queue_wait_duration_seconds_bucket" in text
     assert "jupyterhub_gpushare_cluster_view_ready 1.0" in text
+
+
+async def test_names_that_jupyterhub_accepts_are_accepted(hub, callers):
+    # JupyterHub puts no length limit on user or server names
+    long = "u" * 260
+    response = await call(
+        hub, callers["hub"], "POST", "api/tickets", json=ticket("long", user=long, server="s" * 300)
+    )
+    assert response.status_code == 201, response.text
+    await call(hub, callers["hub"], "DELETE", "api/tickets/long")
+
+
+def test_the_service_log_reads_like_the_hubs(hub):
+    log = hub.component.log_path.read_text(errors="replace")
+    # a line the quick start tells admins to look for, in the hub's own format
+    listening = re.search(
+        r"^\[I \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} GPUShareService app:\d+\] "
+        r"gpushare service \S+ listening on 127\.0\.0\.1:(\d+)/services/gpushare/$",
+        log,
+        re.MULTILINE,
+    )
+    assert listening, log[-3000:]
+    assert int(listening.group(1)) == hub.service_port
+    assert re.search(r"^\[I .* GPUShareService \w+:\d+\] nodes: listed \d+$", log, re.M)
+    assert "Logging error" not in log and "KeyError: 'color'" not in log
+
+
+def _service_rss(hub) -> int:
+    pid = service_pid(hub)
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+def _raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 20) -> bytes:
+    """Send a request by hand and read what comes back until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        data = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while chunk := sock.recv(65536):
+                data += chunk
+                if b"\r\n\r\n" in data and data.rstrip().endswith(b"}"):
+                    break
+    return data
+
+
+def _status_and_json(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])
+
+
+async def test_oversized_bodies_are_refused_unread_with_memory_flat(hub, callers):
+    before = _service_rss(hub)
+    claimed = 95 * 2**20
+    for headers in (callers["hub"], {}):  # the hub, and someone anonymous
+        for _ in range(3):
+            head = (
+                "POST /services/gpushare/api/tickets HTTP/1.1\r\nHost: localhost\r\n"
+                "Content-Type: application/json\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + f"Content-Length: {claimed}\r\n\r\n"
+            ).encode()
+            raw = await asyncio.to_thread(_raw_request, hub.service_port, head, b"x" * 65536)
+            status, body = _status_and_json(raw)
+            assert status == (413 if headers else 403), raw[:300]
+            assert body["status"] == status and body["message"]
+    # nothing was read into memory (a 95 MB body would show)
+    assert _service_rss(hub) - before < 16 * 2**20
+
+
+async def test_a_client_that_never_finishes_its_request_is_let_go(hub):
+    def linger() -> bytes:
+        with socket.create_connection(("127.0.0.1", hub.service_port), timeout=60) as sock:
+            sock.sendall(b"POST /services/gpushare/api/tickets HTTP/1.1\r\nHost: x\r\n")
+            return sock.recv(1024)  # b"" once the service closes the connection
+
+    assert await asyncio.to_thread(linger) == b""
+
+
+async def test_users_see_no_cluster_internals(hub_factory, cluster, tmp_path):
+    # a hub whose service cannot reach the API server (nothing listens there)
+    broken = kubeconfig_via(cluster.kubeconfig, free_port(), tmp_path / "kubeconfig")
+    hub = hub_factory("c.GPUShareSpawner.memory_guard = False\n", kubeconfig=broken)
+    user = {"Authorization": f"token {await user_token(hub, 'alice')}"}
+    admin = {"Authorization": f"token {await user_token(hub, 'admin')}"}
+
+    async def not_ready(headers):
+        body = (await call(hub, headers, "GET", "api/capacity")).json()
+        return body if body["problem"] and not body["ready"] else None
+
+    seen_by_admin = await wait_for(lambda: not_ready(admin), 60, "the service to give up")
+    assert "cannot reach the Kubernetes API server" in seen_by_admin["problem"]
+    seen_by_user = await not_ready(user)
+    assert seen_by_user["problem"] == "the GPU service is reading the cluster's GPU nodes"
+    assert "127.0.0.1" not in json.dumps(seen_by_user)

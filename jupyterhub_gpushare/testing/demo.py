@@ -26,6 +26,27 @@ DEMO_NODES = (
     {"name": "h200-node", "gpus": 2, "replicas": 4, "product": "NVIDIA-H200", "memory_mib": 143771},
 )
 
+# What a class would be offered. CPU only is the default, so that nobody (the
+# admin included) joins the GPU line without choosing a GPU.
+DEMO_PROFILES = """
+c.KubeSpawner.profile_list = [
+    {"display_name": "CPU only", "slug": "cpu", "default": True,
+     "description": "No GPU: starts at once, whatever the GPUs are doing.",
+     "kubespawner_override": {"gpu_slices": 0}},
+    {"display_name": "One slice of an RTX 5090", "slug": "rtx5090",
+     "description": "1 of the 4 slices of the RTX 5090 node.",
+     "kubespawner_override": {"gpu_slices": 1, "node_selector":
+         {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-5090-SHARED"}}},
+    {"display_name": "One slice of an H200", "slug": "h200",
+     "description": "1 of the 8 slices of the H200 node (2 GPUs).",
+     "kubespawner_override": {"gpu_slices": 1, "node_selector":
+         {"nvidia.com/gpu.product": "NVIDIA-H200-SHARED"}}},
+    {"display_name": "Two slices, any GPU", "slug": "two",
+     "description": "Twice the memory of one slice, on whichever GPU has room.",
+     "kubespawner_override": {"gpu_slices": 2}},
+]
+"""
+
 
 async def create_demo_objects(kubeconfig: Path, namespace: str) -> None:
     configuration = client.Configuration()
@@ -69,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         if not args.cluster_only:
-            hub = LocalHub(run_dir / "hub", cluster.kubeconfig, "jupyterhub", port=args.port)
+            hub = LocalHub(
+                run_dir / "hub", cluster.kubeconfig, "jupyterhub", DEMO_PROFILES, port=args.port
+            )
             hub.start()
             print(f"\nJupyterHub is running at {hub.url}/hub/")
             print(
                 f"Log in with any user name and the password {TEST_PASSWORD!r} "
                 "(user 'admin' is an admin)."
+            )
+            print(
+                "To see the line form: log in as five different users and pick "
+                "'One slice of an RTX 5090' (it has 4 slices): the fifth waits in line."
             )
         print("READY (press Ctrl-C to stop)", flush=True)
         signal.pause()

@@ -46,13 +46,17 @@ class LocalHub:
         extra_config: str = "",
         port: int = 0,
         admin_users: tuple[str, ...] = ("admin",),
+        before_configure: str = "",
     ):
+        """``extra_config`` comes after ``configure(c)``; ``before_configure`` (one
+        line of Python) before it, where z2jh's own settings are."""
         self.run_dir = run_dir
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.extra_config = extra_config
         self.port = port
         self.admin_users = admin_users
+        self.before_configure = before_configure
         self.api_token = secrets.token_hex(16)
         # what the hub's spawners send to the gpushare service (configure(c) reads it)
         self.queue_secret = secrets.token_hex(16)
@@ -67,8 +71,9 @@ class LocalHub:
         return f"{self.url}/hub/api"
 
     def config_text(self) -> str:
-        return textwrap.dedent(
-            f"""\
+        return (
+            textwrap.dedent(
+                f"""\
             c = get_config()  # noqa
             c.JupyterHub.ip = "127.0.0.1"
             c.JupyterHub.port = {self.port}
@@ -81,7 +86,6 @@ class LocalHub:
             c.JupyterHub.db_url = "sqlite:///{self.run_dir}/jupyterhub.sqlite"
             c.JupyterHub.cookie_secret_file = "{self.run_dir}/cookie_secret"
             c.JupyterHub.pid_file = "{self.run_dir}/jupyterhub.pid"
-            c.JupyterHub.cleanup_servers = True
             c.JupyterHub.log_level = "DEBUG"
 
             c.JupyterHub.authenticator_class = "dummy"
@@ -95,21 +99,36 @@ class LocalHub:
                   "access:servers", "read:hub", "tokens"], "services": ["test-client"]}}
             ]
 
-            c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"
-            import jupyterhub_gpushare
-            jupyterhub_gpushare.configure(c, port={self.service_port})
+            # What the zero-to-jupyterhub chart sets, from its default values and
+            # its jupyterhub_config.py: tests run on what deployments run.
+            c.JupyterHub.concurrent_spawn_limit = 64
+            c.Spawner.consecutive_failure_limit = 5
+            c.KubeSpawner.start_timeout = 300
+            c.JupyterHub.cleanup_servers = False
+            c.JupyterHub.last_activity_interval = 60
+            c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
             c.KubeSpawner.namespace = {self.namespace!r}
             c.KubeSpawner.image = "quay.io/jupyter/base-notebook:latest"
             c.KubeSpawner.cmd = ["jupyterhub-singleuser"]
-            c.KubeSpawner.start_timeout = 120
             c.KubeSpawner.http_timeout = 60
+            """
+            )
+            + textwrap.dedent(self.before_configure)
+            + textwrap.dedent(
+                f"""
+            # the chart's hub.extraConfig, run last
+            c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"
+            import jupyterhub_gpushare
+            jupyterhub_gpushare.configure(c, port={self.service_port})
             c.Spawner.default_url = "/lab"
             # Images run as an unprivileged user; our "containers" are processes of
             # whoever runs the tests, which on CI is root.
             if {os.geteuid() == 0!r}:
                 c.Spawner.args = ["--allow-root"]
             """
-        ) + textwrap.dedent(self.extra_config)
+            )
+            + textwrap.dedent(self.extra_config)
+        )
 
     def start(self, timeout: float = 120) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +136,10 @@ class LocalHub:
             ensure_port_free(self.port, "JupyterHub", "GPUSHARE_HUB_PORT")
         else:
             self.port = free_port()
-        self.hub_port = free_port()
-        self.proxy_api_port = free_port()
-        self.service_port = free_port()
+        if self.component is None:  # a restart keeps its ports
+            self.hub_port = free_port()
+            self.proxy_api_port = free_port()
+            self.service_port = free_port()
         config = self.run_dir / "jupyterhub_config.py"
         config.write_text(self.config_text())
         env = {
@@ -154,6 +174,13 @@ class LocalHub:
     def stop(self) -> None:
         if self.component is not None:
             self.component.stop(timeout=30)
+
+    def restart(self, timeout: float = 120) -> None:
+        """Stop the hub as Kubernetes does (SIGTERM) and start it again on the same
+        database and ports, as after ``helm upgrade``. Its log is kept: the new
+        process appends to it."""
+        self.stop()
+        self.start(timeout)
 
     # -- clients ------------------------------------------------------------
     def api_client(self) -> httpx.AsyncClient:
