@@ -70,3 +70,70 @@ def test_admin_spawner_choice_is_kept(major):
     c.JupyterHub.spawner_class = "mypackage.MySpawner"
     gpushare_config.configure(c)
     assert c.JupyterHub.spawner_class == "mypackage.MySpawner"
+
+
+def test_the_hubs_spawn_limit_moves_to_the_spawner(major):
+    # z2jh sets 64 before hub.extraConfig runs configure(c)
+    c = Config()
+    c.JupyterHub.concurrent_spawn_limit = 64
+    gpushare_config.configure(c)
+    assert c.JupyterHub.concurrent_spawn_limit == 0
+    assert c.GPUShareSpawner.concurrent_start_limit == 64
+    # a second call keeps it; an admin's own choice is kept too
+    gpushare_config.configure(c)
+    assert c.GPUShareSpawner.concurrent_start_limit == 64
+    c = Config()
+    c.GPUShareSpawner.concurrent_start_limit = 10
+    gpushare_config.configure(c)
+    assert c.GPUShareSpawner.concurrent_start_limit == 10
+
+
+def test_jupyterhubs_default_limit_when_none_is_set(major):
+    from jupyterhub.app import JupyterHub
+
+    c = Config()
+    gpushare_config.configure(c)
+    assert c.GPUShareSpawner.concurrent_start_limit == JupyterHub().concurrent_spawn_limit
+
+
+def test_service_settings_in_the_hub_config_reach_the_service(major, monkeypatch):
+    import json
+
+    from jupyterhub_gpushare.service.app import CONFIG_ENV, GPUShareService
+
+    c = Config()
+    c.Dispatcher.hold_seconds = 600
+    c.QueueStore.state_file = "/srv/queue.json"
+    c.JupyterHub.log_level = "INFO"  # not the service's
+    gpushare_config.configure(c)
+    service = next(s for s in c.JupyterHub.services if s["name"] == "gpushare")
+    forwarded = json.loads(service["environment"][CONFIG_ENV])
+    assert forwarded == {
+        "Dispatcher": {"hold_seconds": 600},
+        "QueueStore": {"state_file": "/srv/queue.json"},
+    }
+    # and the service reads them
+    monkeypatch.setenv(CONFIG_ENV, service["environment"][CONFIG_ENV])
+    app = GPUShareService()
+    app.initialize([])
+    assert app.config.Dispatcher.hold_seconds == 600
+
+
+def test_unserialisable_service_settings_are_refused_clearly(major):
+    from jupyterhub_gpushare.objects import GPUShareConfigError
+
+    c = Config()
+    c.Dispatcher.hold_seconds = object()
+    with pytest.raises(GPUShareConfigError, match="must be plain values"):
+        gpushare_config.configure(c)
+
+
+def test_service_pages_get_tokens_that_can_show_admin_views(major):
+    c = Config()
+    gpushare_config.configure(c)
+    service = next(s for s in c.JupyterHub.services if s["name"] == "gpushare")
+    assert set(service["oauth_client_allowed_scopes"]) == {
+        "list:users",
+        "read:servers",
+        "read:users:activity",
+    }
