@@ -247,12 +247,13 @@ def health(
         want = node_sharing(node.labels, config, readings_now)
         if want is not None and mismatches(node, want):
             key = selected_key(node.labels, config)
+            gives = f'its config "{key}" gives' if key else "with no config it should be"
             findings.append(
                 Finding(
                     f"node {node.name} shows {node.slices} {node.resource} "
-                    f"({node.strategy}, {node.replicas} replicas), but its config "
-                    f'"{key}" gives {want.describe()}: the device plugin has not restarted '
-                    "since the config changed",
+                    f"({node.strategy}, {node.replicas} replicas), but {gives} "
+                    f"{want.describe()}: the device plugin has not restarted since the config "
+                    "changed",
                     restart,
                 )
             )
