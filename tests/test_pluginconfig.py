@@ -11,8 +11,13 @@ gpushare refuses on purpose a config the plugin would run
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import socket
+import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -523,3 +528,48 @@ def test_the_slice_limit_fits_the_kubelets_message(parser):
     # and the limit is not far below what fits: within 10 %
     over = pluginparser.list_and_watch_bytes(1, pc.MAX_SLICES_PER_NODE * 11 // 10, parser)
     assert over > pc.KUBELET_MAX_MESSAGE_BYTES
+
+
+# -- building the parser: one clear line when it cannot be built -----------------------------
+def run_build(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(pluginparser.BUILD_SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_missing_go_toolchain_is_one_clear_line(tmp_path):
+    path = os.pathsep.join(
+        p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "go").exists()
+    )
+    result = run_build({"PATH": path, "HOME": str(tmp_path), "GPUSHARE_CACHE": str(tmp_path)})
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("gpushare build: the Go toolchain is missing: install Go")
+
+
+def test_unreachable_module_proxy_is_one_clear_line(tmp_path):
+    if shutil.which("go") is None:
+        pytest.skip("needs the Go toolchain")
+    # a closed port on loopback: the proxy cannot be reached, nothing leaves the machine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "GPUSHARE_CACHE": str(tmp_path / "cache"),
+        "GOMODCACHE": str(tmp_path / "mod"),
+        "GOCACHE": str(tmp_path / "gocache"),
+        "GOPROXY": f"http://127.0.0.1:{closed}",
+        "GOSUMDB": "off",
+    }
+    result = run_build(env)
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert "cannot download Go module github.com/NVIDIA/k8s-device-plugin@v0.19.3" in line
+    assert "module proxy" in line
+    subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=False)
