@@ -40,7 +40,7 @@ from .cluster import (
     policy_name,
     selector_variants,
 )
-from .health import status_report, summary
+from .health import node_row, status_report, summary
 from .kube import Kube, apply_plan, delete_plugin_pods
 from .output import Failure, Output, Progress
 from .plan import Access, Plan, read_access, write_access
@@ -183,7 +183,7 @@ async def _change(
         **result,
         "changed": True,
         "plan": plan.to_json(),
-        "nodes": [{**report.node_row(n), "verified": n.name in verified} for n in nodes],
+        "nodes": [{**node_row(n), "verified": n.name in verified} for n in nodes],
         "summary": figures,
     }
 
