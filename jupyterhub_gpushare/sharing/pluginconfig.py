@@ -26,9 +26,10 @@ the reason is one of :data:`DELIBERATE_REFUSALS`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -320,7 +321,7 @@ def _resolve_plain(text: str) -> Any:
         return text if value is None else value
     if text[:1] not in ("+", "-") and not text[:1].isdigit():
         return text
-    # a date stays a string in an interface{}; it can be neither int nor float
+    # (a date stays a string in an interface{}, and is never a number either)
     plain = text.replace("_", "")
     number = _go_parse_int(plain)
     if number is not None:
@@ -339,9 +340,6 @@ def _resolve_tagged(tag: str, text: str) -> Any:
     if short in ("str", "timestamp") or not tag.startswith(_TAG):
         return text
     if short == "binary":
-        import base64
-        import binascii
-
         try:
             return base64.b64decode(text, validate=True).decode("utf-8", "replace")
         except (binascii.Error, ValueError):
@@ -363,37 +361,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _format_float32(value: float) -> str:
-    """strconv.FormatFloat(v, 'g', -1, 32), which sigs.k8s.io/yaml uses for float keys."""
-    if math.isnan(value):
-        return ".nan"
-    try:
-        single = struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        single = math.inf if value > 0 else -math.inf
-    if math.isinf(single):
-        return ".inf" if single > 0 else "-.inf"
-    if single == 0:
-        return "0" if math.copysign(1, single) > 0 else "-0"
-    for digits in range(1, 10):
-        text = f"{single:.{digits - 1}e}"
-        if struct.unpack("f", struct.pack("f", float(text)))[0] == single:
-            break
-    mantissa, exponent = text.split("e")
-    exp = int(exponent)
-    sign = "-" if mantissa.startswith("-") else ""
-    figures = mantissa.lstrip("-").replace(".", "").rstrip("0") or "0"
-    if exp < -4 or exp >= 6:
-        rest = f".{figures[1:]}" if len(figures) > 1 else ""
-        return f"{sign}{figures[0]}{rest}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
-    point = exp + 1
-    if point <= 0:
-        return f"{sign}0.{'0' * -point}{figures}"
-    if point >= len(figures):
-        return f"{sign}{figures}{'0' * (point - len(figures))}"
-    return f"{sign}{figures[:point]}.{figures[point:]}"
-
-
 def _json_key(key: Any) -> str:
     """A mapping key as sigs.k8s.io/yaml turns it into a JSON object key."""
     if isinstance(key, str):
@@ -403,7 +370,8 @@ def _json_key(key: Any) -> str:
     if isinstance(key, int):
         return str(key)
     if isinstance(key, float):
-        return _format_float32(key)
+        # never the name of a field, so Go's exact spelling (float32 %g) does not matter
+        return f"{key:g}"
     raise _PluginError(f"a mapping key the plugin cannot use: {key!r}")
 
 
@@ -555,7 +523,7 @@ class _Reader:
     def version(self, value: Any, path: str, current: Any = None) -> Any:
         """Config.Version, the one string field sigs.k8s.io/yaml fills from a number too."""
         if _is_number(value) or isinstance(value, bool):
-            return _describe(value) if not isinstance(value, float) else _format_float32(value)
+            return _describe(value)
         return self.string(value, path, current)
 
     # primitive Go types; JSON null leaves the current value
