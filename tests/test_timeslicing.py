@@ -35,7 +35,6 @@ from jupyterhub_gpushare.sharing.cluster import (
     node_sharing,
     pending_gpu_pods,
     pod_gpu_requests,
-    policy_record,
     selected_key,
     selector_variants,
 )
@@ -467,10 +466,17 @@ def test_several_policies_need_a_choice_and_the_operators_is_named():
     assert ignored_note(older, [newer, older]) is None
 
 
-def test_an_edited_record_is_named():
-    policy = policy_object(annotations={POLICY_RECORD_ANNOTATION: "[1, 2"})
-    with pytest.raises(ConfigError, match="ClusterPolicy cluster-policy: the annotation"):
-        policy_record(policy)
+def test_an_edited_record_is_named_and_unshared_is_the_way_out():
+    policy = policy_object(
+        {"name": "x", "default": "y"}, annotations={POLICY_RECORD_ANNOTATION: "[1, 2"}
+    )
+    with pytest.raises(ConfigError, match="ClusterPolicy cluster-policy: the annotation") as error:
+        plan_disable(policy, None, [])
+    assert "gpushare disable --unshared" in str(error.value)
+    plan = plan_disable(policy, None, [], unshared=True)
+    after = apply_merge_patch(policy, plan.policy_patch)
+    assert "config" not in after["spec"]["devicePlugin"]
+    assert POLICY_RECORD_ANNOTATION not in after["metadata"]["annotations"]
 
 
 # -- plans ----------------------------------------------------------------------------------
@@ -847,6 +853,27 @@ def test_a_missing_config_map_is_found_with_its_fix():
     # the failed pod is explained by the config, with the same fix
     assert "is Failed (exit 1), not running, because of the config above" in findings[1].problem
     assert findings[1].fix == findings[0].fix
+
+
+def test_a_selected_config_the_plugin_refuses_is_found_with_its_fix():
+    """Issue 13, item 2: a replica count the plugin cannot read leaves the node without
+    GPUs; status says so."""
+    state = seed_state(labels={DEPLOY_LABEL: "true"})
+    state["cm"]["data"]["any"] = GPU_CONFIG.format(replicas="99999999999999999999")
+    nodes = [GpuNode.from_api(n) for n in state["nodes"]]
+    pods = [plugin_pod("n1", ready=False, phase="Failed", exit_code=1)]
+    findings, _ = health(nodes, state["policy"], [], state["cm"], pods)
+    assert findings[0].problem == (
+        'the default config "any" in ConfigMap gpu-operator/time-slicing-config (n1): the '
+        "device plugin refuses it: sharing.timeSlicing.resources[0].replicas: must be a whole "
+        "number, not 100000000000000000000"
+    )
+    assert findings[0].fix == (
+        "kubectl -n gpu-operator edit configmap time-slicing-config  # fix 'any'"
+    )
+    assert findings[1].problem.endswith(
+        "is Failed (exit 1), not running, because of the config above"
+    )
 
 
 def test_a_label_naming_a_missing_key_is_found_with_its_fix():

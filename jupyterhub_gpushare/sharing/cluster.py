@@ -101,7 +101,8 @@ def policy_record(policy: Mapping) -> dict | None:
     if not isinstance(record, dict):
         raise ConfigError(
             f"ClusterPolicy {policy_name(policy)}: the annotation {POLICY_RECORD_ANNOTATION} "
-            "is not what gpushare wrote; someone edited it: fix or remove it by hand"
+            "is not what gpushare wrote; someone edited it: fix or remove it by hand, or go "
+            "back to no sharing with `gpushare disable --unshared`"
         )
     return record
 
@@ -153,7 +154,10 @@ def config_map_name(policy: Mapping, action: str = "setup") -> str:
     The one the ClusterPolicy already names, so that keys others put there keep
     working; for ``disable`` the one the first ``setup`` recorded.
     """
-    record = policy_record(policy) or {}
+    try:
+        record = policy_record(policy) or {}
+    except ConfigError:
+        record = {}  # planning says what is wrong with it
     named = policy_config(policy).get("name")
     if action == "disable":
         return record.get("configMap") or named or CONFIG_MAP_NAME

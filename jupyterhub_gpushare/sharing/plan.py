@@ -486,7 +486,12 @@ def plan_disable(
     """
     name = policy_name(policy)
     config = policy_config(policy)
-    record = policy_record(policy)
+    try:
+        record = policy_record(policy)
+    except ConfigError:
+        if not unshared:
+            raise
+        record = {}  # unreadable: --unshared removes it together with the config
     cm_name = config_map_name(policy, "disable")
     where = f"ConfigMap {namespace}/{cm_name}"
     data = dict((config_map or {}).get("data") or {})
