@@ -1,5 +1,6 @@
 # Everything a fresh machine needs, then the tests or the demo.
-#   make test   - install, build the local control plane (cached), lint, run every test
+#   make test   - install, build the local control plane and the device plugin's config
+#                 parser (cached), lint, run every test
 #   make demo   - the local GPU cluster plus a JupyterHub using GPUShareSpawner
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ CHP := $(CACHE)/node/node_modules/.bin/configurable-http-proxy
 CHROMIUM ?= /usr/bin/chromium
 export GPUSHARE_CHROMIUM := $(CHROMIUM)
 
-deps: $(STAMP) $(CHP) control-plane $(CHROMIUM)
+deps: $(STAMP) $(CHP) control-plane plugin-config $(CHROMIUM)
 
 # Debian's Chromium for the browser tests; Playwright never downloads a browser.
 $(CHROMIUM):
@@ -39,6 +40,12 @@ $(CHP):
 .PHONY: control-plane
 control-plane:
 	@bash jupyterhub_gpushare/testing/build-control-plane.sh >/dev/null
+
+# The NVIDIA device plugin's own config parser, in a small Go program of ours
+# (tests read device plugin configs with it; cached by plugin version).
+.PHONY: plugin-config
+plugin-config:
+	@bash jupyterhub_gpushare/testing/build-plugin-config.sh >/dev/null
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
