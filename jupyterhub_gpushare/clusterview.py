@@ -238,18 +238,25 @@ class ClusterView:
     # -- pods -----------------------------------------------------------------------------
     def apply_pod(self, key: str, pod: Mapping | None) -> None:
         """A GPU pod was added, changed or deleted (``pod`` None: it is gone)."""
-        old = self.pods.pop(key, None)
-        if old is not None:
-            self._unhold(key, old)
         new = self._pod_state(pod) if pod is not None and holds_slices(pod) else None
+        if new is not None and not new.slices:
+            new = None
         if new is not None and new.ticket:
             self.bound_tickets.add(new.ticket)
+        old = self.pods.get(key)
+        if old is not None and new == old:
+            # most pod updates change nothing that counts here (status details)
+            for resource in new.slices:
+                self.holders[(resource, new.node)][key] = pod
+            return
         if old is not None:
+            del self.pods[key]
+            self._unhold(key, old)
             for resource, count in old.slices.items():
                 kept = new.slices.get(resource, 0) if new and new.node == old.node else 0
                 if count > kept:
                     self.released.append(((resource, old.node), count - kept))
-        if new is None or not new.slices:
+        if new is None:
             return
         self.pods[key] = new
         if new.user is not None:
