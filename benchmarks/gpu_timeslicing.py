@@ -107,6 +107,7 @@ def interactive_worker(ready: Path, go: Path, seconds: float) -> dict:
         "role": "interactive",
         "calls": len(latencies),
         "p50_ms": _quantile(latencies, 0.50),
+        "p95_ms": _quantile(latencies, 0.95),
         "p99_ms": _quantile(latencies, 0.99),
         "max_ms": latencies[-1],
         "mean_ms": statistics.fmean(latencies),
