@@ -401,6 +401,12 @@ def oom_hint_text(
         f"To fit: {advice}, restart other kernels that still hold GPU memory, "
         "or start a server with more GPU slices."
     )
+    if at_cap is False and sharing == "mps":
+        # under MPS a process's own limit looks like a full GPU to the framework
+        return (
+            f"gpushare: {name} reached the memory limit that this GPU (MPS) sets for each "
+            f"process, your share of {where}. {todo}"
+        )
     if at_cap is False:
         return (
             f"gpushare: the GPU itself ran out of memory before {name} reached {cap}: "

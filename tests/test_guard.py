@@ -858,6 +858,18 @@ def test_a_full_gpu_is_told_apart_from_the_cap(harness):
     assert "hold more than their share" in hint
 
 
+def test_under_mps_a_full_gpu_is_the_process_limit(harness):
+    # measured: under MPS, torch sees its pinned limit as the GPU's free memory
+    full = TORCH_CAP_OOM.replace("of which 104.30 GiB is free", "of which 34.93 GiB is free")
+    code = "import torch\ntorch.cuda._lazy_init()\nraise torch.OutOfMemoryError(MESSAGE)"
+    env = {**SHARED, "GPUSHARE_SHARING": "mps"}
+    result = harness.run(code.replace("MESSAGE", repr(full)), env=env)
+    (hint,) = hint_lines(result.stderr)
+    assert hint.startswith(
+        "gpushare: PyTorch reached the memory limit that this GPU (MPS) sets for each process"
+    )
+
+
 def test_an_out_of_memory_error_wrapped_in_another_still_gets_the_hint(harness):
     code = (
         "import torch\n"
