@@ -344,21 +344,29 @@ class GPUShareSpawner(KubeSpawner):
         set; with ``gpu_replicas`` set, it logs a warning and returns None.
         """
         selector = ",".join(f"{k}={v}" for k, v in sorted((self.node_selector or {}).items()))
+        status = reason = None
         try:
+            # unparsed: node objects are large, and only their labels are needed
             response = await self.api.list_node(label_selector=selector, _preload_content=False)
-            nodes = (await response.json())["items"]
+            body = await response.json()
         except ApiException as e:
-            if e.status in (401, 403):
-                problem = (
-                    f"the hub may not list nodes ({e.status} {e.reason}): grant its "
-                    "ServiceAccount get and list on nodes (helm-snippets/rbac.yaml)"
-                )
-            else:
-                problem = f"listing the nodes failed ({e.status} {e.reason})"
-        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError, KeyError) as e:
+            status, reason = e.status, e.reason
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError) as e:
             problem = f"the Kubernetes API could not list the nodes ({e.__class__.__name__}: {e})"
         else:
-            return objects.node_gpu_facts(nodes, self.gpu_resource_name)
+            # without preloading, the client returns error responses instead of raising
+            if response.status < 400 and isinstance(body, dict):
+                if isinstance(body.get("items"), list):
+                    return objects.node_gpu_facts(body["items"], self.gpu_resource_name)
+            status = response.status
+            reason = (body.get("reason") if isinstance(body, dict) else None) or response.reason
+        if status in (401, 403):
+            problem = (
+                f"the hub may not list nodes ({status} {reason}): grant its "
+                "ServiceAccount get and list on nodes (helm-snippets/rbac.yaml)"
+            )
+        elif status is not None:
+            problem = f"listing the nodes failed ({status} {reason})"
         if self.gpu_replicas is None:
             raise GPUShareConfigError(
                 f"cannot work out this server's share of the GPU: {problem}, "
