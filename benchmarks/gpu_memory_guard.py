@@ -121,7 +121,12 @@ ROUTES: dict[str, tuple[str, str, tuple[str, ...], str, dict[str, str | None]]] 
 }
 
 NOTICE_PREFIX = "gpushare: this GPU is shared"
-HINT_MARKERS = ("ran out of memory at", "ran out of GPU memory;", "the GPU itself ran out")
+HINT_MARKERS = (
+    "ran out of memory at",
+    "ran out of GPU memory;",
+    "the GPU itself ran out",
+    "reached the memory limit",
+)
 
 
 # --- workers: what runs in the user's process ------------------------------------------
@@ -234,11 +239,16 @@ def _prepare(framework: str, action: str, result: dict):
 
 
 def notice_worker(framework: str, target: int) -> int:
-    """Use the GPU, then ask for too much and let the error reach the user."""
-    if framework == "torch":
+    """Use the GPU, then ask for too much and let the error reach the user.
+
+    ``torch-raised`` first lifts PyTorch's own fraction (under MPS the driver's
+    limit then answers)."""
+    if framework in ("torch", "torch-raised"):
         import torch
 
         keep = torch.ones(256 * MiB, dtype=torch.uint8, device="cuda")
+        if framework == "torch-raised":
+            torch.cuda.set_per_process_memory_fraction(1.0)
         big = torch.empty(target, dtype=torch.uint8, device="cuda")
     elif framework == "cupy":
         import cupy
@@ -458,15 +468,22 @@ def run_routes(
     return results
 
 
-def run_notice(common, startup: Path, memory_mib: int, extra_env: dict | None = None) -> list[dict]:
+def run_notice(
+    common,
+    startup: Path,
+    memory_mib: int,
+    extra_env: dict | None = None,
+    sharing: str = "time-slicing",
+    frameworks: tuple[str, ...] = ("torch", "torch", "jax", "cupy"),
+) -> list[dict]:
     """Four processes at once, each overrunning its share; one more with notices off."""
     total = memory_mib * MiB
-    share = common.share_for(REPLICAS, memory_mib, startup)
+    share = common.share_for(REPLICAS, memory_mib, startup, sharing=sharing)
     target = int(share.fraction * total) + 2 * GiB
     on = common.process_environment(common.pod_environment(share), **(extra_env or {}))
-    quiet = common.share_for(REPLICAS, memory_mib, startup, notice=False)
+    quiet = common.share_for(REPLICAS, memory_mib, startup, notice=False, sharing=sharing)
     off = common.process_environment(common.pod_environment(quiet), **(extra_env or {}))
-    plan = [("torch", on), ("torch", on), ("jax", on), ("cupy", on)]
+    plan = [(framework, on) for framework in frameworks]
     procs = []
     for framework, env in plan:
         argv = [sys.executable, str(Path(__file__).resolve()), "--notice", framework, str(target)]
@@ -658,10 +675,10 @@ def table(data: dict) -> str:
         example = next((r for r in data["notice"] if r["notices_on"] and r["notice_lines"]), None)
         if example:
             lines.append(f"  e.g. {example['notice_lines'][0]}")
+        hints = []
         for r in data["notice"]:
-            if r["hint_lines"]:
-                lines.append(f"  e.g. {r['hint_lines'][0]}")
-                break
+            hints += [h for h in r["hint_lines"] if h not in hints]
+        lines += [f"  e.g. {hint}" for hint in hints]
     if data.get("allocator"):
         lines += [
             "",

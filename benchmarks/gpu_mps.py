@@ -215,6 +215,17 @@ def figures(data: dict) -> list[dict]:
                 "unit": "bool",
             }
         )
+    notices = [r for r in data.get("notice", []) if r["notices_on"]]
+    if notices:
+        out.append(
+            {
+                "name": "concurrent clients showing the notice once and the hint once",
+                "value": sum(
+                    len(r["notice_lines"]) == 1 and len(r["hint_lines"]) == 1 for r in notices
+                ),
+                "unit": f"of {len(notices)}",
+            }
+        )
     for label, phase in (data.get("throughput") or {}).items():
         if "per_process_tflops" not in phase:
             continue
@@ -255,7 +266,7 @@ def table(data: dict) -> str:
         f"MPS limits per client: pinned memory {data['limits']['pinned_mem_limit']}, "
         f"active threads {data['limits']['active_thread_percentage']} %",
         "",
-        guard_bench.table({"routes": data.get("routes", [])}),
+        guard_bench.table({"routes": data.get("routes", []), "notice": data.get("notice", [])}),
         "",
         f"{'throughput (bf16 8192^3 GEMM)':58} {'per client TFLOP/s':>20} {'together':>10}",
     ]
@@ -285,7 +296,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--parts", nargs="*", default=["routes", "throughput", "latency"])
+    parser.add_argument("--parts", nargs="*", default=["routes", "notice", "throughput", "latency"])
     args = parser.parse_args()
 
     info = common.gpu_info()
@@ -358,6 +369,17 @@ def main() -> int:
                 extra_env=daemon.client_env(),
                 work=root,
                 sharing="mps",
+            )
+        if "notice" in args.parts:
+            print("notice:", flush=True)
+            # one PyTorch process lifts its own fraction: the MPS limit answers it
+            data["notice"] = guard_bench.run_notice(
+                common,
+                startup,
+                memory_mib,
+                extra_env=daemon.client_env(),
+                sharing="mps",
+                frameworks=("torch", "torch-raised", "jax", "cupy"),
             )
         if "throughput" in args.parts:
             print("throughput:", flush=True)

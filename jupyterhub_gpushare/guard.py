@@ -325,8 +325,8 @@ def _notices_on() -> bool:
     return os.environ.get(NOTICE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / GiB:.1f} GiB"
+def _gib(nbytes: float, approximate: bool = False) -> str:
+    return f"{'about ' if approximate else ''}{nbytes / GiB:.1f} GiB"
 
 
 def _share_facts() -> dict:
@@ -353,11 +353,13 @@ def notice_text(
     replicas: int | None,
     slices: int | None = 1,
     sharing: str = "",
+    approximate: bool = False,
 ) -> str | None:
     """The line shown when ``framework`` starts using a shared GPU; None if it is not shared.
 
     ``cap_bytes`` is what the framework may take, ``total_bytes`` the GPU's memory
-    (either may be unknown).
+    (either may be unknown); ``approximate`` when the cap is a percentage of a
+    total that CUDA will report a little lower than NVML does.
     """
     if not replicas or replicas < 2:
         return None
@@ -367,7 +369,7 @@ def notice_text(
     else:
         who = f"up to {replicas} users"
     if cap_bytes:
-        amount = _gib(cap_bytes)
+        amount = _gib(cap_bytes, approximate)
         if total_bytes:
             amount += f" of its {_gib(total_bytes)}"
     else:
@@ -387,6 +389,7 @@ def oom_hint_text(
     replicas: int | None,
     slices: int | None = 1,
     sharing: str = "",
+    approximate: bool = False,
 ) -> str:
     """What an out-of-memory error of ``framework`` means on a shared GPU, and what to do.
 
@@ -394,13 +397,17 @@ def oom_hint_text(
     itself was full first, None when the error does not say.
     """
     name = _FRAMEWORK_NAMES.get(framework, framework)
-    cap = f"its cap of {_gib(cap_bytes)}" if cap_bytes else "its cap"
+    cap = f"its cap of {_gib(cap_bytes, approximate)}" if cap_bytes else "its cap"
     where = _who_shares(replicas, slices)
     advice = _FREE_ADVICE.get(framework, "use less memory")
-    todo = (
-        f"To fit: {advice}, restart other kernels that still hold GPU memory, "
-        "or start a server with more GPU slices."
-    )
+    if sharing == "mps":
+        # MPS gives every process one slice's memory, whatever the server asked for
+        todo = f"To fit: {advice}, or restart other kernels that still hold GPU memory."
+    else:
+        todo = (
+            f"To fit: {advice}, restart other kernels that still hold GPU memory, "
+            "or start a server with more GPU slices."
+        )
     if at_cap is False and sharing == "mps":
         # under MPS a process's own limit looks like a full GPU to the framework
         return (
@@ -422,16 +429,23 @@ def oom_hint_text(
     return f"{head} {todo}"
 
 
-def _notice(framework: str, cap_bytes: float | None, total_bytes: float | None) -> None:
+def _notice(
+    framework: str,
+    cap_bytes: float | None,
+    total_bytes: float | None,
+    approximate: bool = False,
+) -> None:
     """Tell the user their share, the first time a framework of this process uses the GPU."""
     try:
         state = _state()
-        state.caps[framework] = cap_bytes
+        state.caps[framework] = (cap_bytes, approximate)
         _install_oom_hints()
         if state.noticed or not _notices_on():
             return
         state.noticed = True
-        text = notice_text(framework, cap_bytes, total_bytes, **_share_facts())
+        text = notice_text(
+            framework, cap_bytes, total_bytes, approximate=approximate, **_share_facts()
+        )
         if text:
             _say(text)
     except Exception:
@@ -480,6 +494,20 @@ def _at_cap(framework: str, message: str) -> bool | None:
     return None
 
 
+def _cap_in_message(framework: str, message: str) -> float | None:
+    """The cap the error itself states: CuPy's pool limit, PyTorch's "X GiB allowed"."""
+    import re
+
+    if framework == "cupy":
+        found = re.search(r"limit set to: ([\d,]+) bytes", message)
+        return float(found.group(1).replace(",", "")) if found else None
+    if framework == "torch":
+        found = re.search(r"([\d.]+) (\w+) allowed", message)
+        if found and found.group(2) in _SIZE_UNITS:
+            return float(found.group(1)) * _SIZE_UNITS[found.group(2)]
+    return None
+
+
 def _annotate(exc) -> None:
     """Add the hint to an out-of-memory error about to be shown, once per process."""
     try:
@@ -491,10 +519,16 @@ def _annotate(exc) -> None:
             return
         framework, oom = found
         state.hinted = True
+        message = str(oom)
+        cap, approximate = state.caps.get(framework, (None, False))
+        exact = _cap_in_message(framework, message)
+        if exact:
+            cap, approximate = exact, False
         text = oom_hint_text(
             framework,
-            state.caps.get(framework),
-            _at_cap(framework, str(oom)),
+            cap,
+            _at_cap(framework, message),
+            approximate=approximate,
             **_share_facts(),
         )
         add_note = getattr(exc, "add_note", None)
@@ -690,7 +724,8 @@ def _apply_jax(jax, fraction: float) -> None:
         return
     _state().applied["jax"] = f"XLA_PYTHON_CLIENT_MEM_FRACTION={raw}"
     total = _total_memory_bytes_quick() if _notices_on() else None
-    _notice("jax", jax_fraction * total if total else None, total)
+    # a fraction of what CUDA reports, a little less than NVML's total
+    _notice("jax", jax_fraction * total if total else None, total, approximate=True)
 
 
 def _apply_cupy(cupy, fraction: float) -> None:
@@ -702,9 +737,9 @@ def _apply_cupy(cupy, fraction: float) -> None:
     if raw.endswith("%"):
         percent = _parse_positive(raw[:-1])
         cap = percent / 100 * total if percent and total else None
+        _notice("cupy", cap, total, approximate=True)
     else:
-        cap = _parse_positive(raw)
-    _notice("cupy", cap, total)
+        _notice("cupy", _parse_positive(raw), total)
 
 
 # --- TensorFlow --------------------------------------------------------------

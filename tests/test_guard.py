@@ -774,7 +774,8 @@ def test_no_notice_before_cuda_starts(harness):
 def test_the_notice_names_jax_when_jax_comes_first(harness):
     result = ok(harness.run("import jax, torch\ntorch.cuda._lazy_init()", env=SHARED))
     assert notice_lines(result) == [
-        "gpushare: this GPU is shared by up to 4 users: JAX may use 34.4 GiB of its "
+        # a fraction of what CUDA will report, a little less than the GPU's label says
+        "gpushare: this GPU is shared by up to 4 users: JAX may use about 34.4 GiB of its "
         "140.4 GiB (a cooperative cap that keeps room for the others)."
     ]
 
@@ -784,7 +785,7 @@ def test_the_notice_says_hard_cap_under_mps_and_counts_slices(harness):
     result = ok(harness.run("import cupy", env=env))
     assert notice_lines(result) == [
         "gpushare: this GPU is shared by up to 4 users, and your server holds 2 slices: "
-        "CuPy may use 34.4 GiB of its 140.4 GiB (a hard cap: the GPU itself refuses more)."
+        "CuPy may use about 34.4 GiB of its 140.4 GiB (a hard cap: the GPU itself refuses more)."
     ]
 
 
@@ -868,6 +869,8 @@ def test_under_mps_a_full_gpu_is_the_process_limit(harness):
     assert hint.startswith(
         "gpushare: PyTorch reached the memory limit that this GPU (MPS) sets for each process"
     )
+    # more slices would not help: MPS gives every process one slice
+    assert "more GPU slices" not in hint
 
 
 def test_an_out_of_memory_error_wrapped_in_another_still_gets_the_hint(harness):
@@ -892,7 +895,22 @@ def test_jax_out_of_memory_gets_the_hint(harness):
     )
     result = harness.run(code, env=SHARED)
     (hint,) = hint_lines(result.stderr)
-    assert hint.startswith("gpushare: JAX ran out of GPU memory; its cap of 34.4 GiB is your")
+    assert hint.startswith("gpushare: JAX ran out of GPU memory; its cap of about 34.4 GiB is")
+
+
+def test_cupy_out_of_memory_names_the_limit_cupy_states(harness):
+    code = (
+        "import cupy\n"
+        "class OutOfMemoryError(RuntimeError):\n"
+        "    pass\n"
+        "OutOfMemoryError.__module__ = 'cupy.cuda.memory'\n"
+        "raise OutOfMemoryError('Out of memory allocating 38,762,446,848 bytes (allocated so "
+        "far: 512 bytes, limit set to: 36,731,887,714 bytes).')\n"
+    )
+    result = harness.run(code, env=SHARED)
+    (hint,) = hint_lines(result.stderr)
+    assert hint.startswith("gpushare: CuPy ran out of memory at its cap of 34.2 GiB, your share")
+    assert "free_all_blocks()" in hint
 
 
 def test_other_errors_are_left_alone(harness):
