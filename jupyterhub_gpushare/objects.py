@@ -137,8 +137,8 @@ def pytorch_alloc_conf(
     fraction in any case, by a call that holds under every allocator backend.
 
     Without the guard, the allocator option is all that caps PyTorch, and
-    ``backend:cudaMallocAsync`` does not enforce it (measured: 37 GiB taken on a
-    34.2 GiB share): that combination is refused.
+    ``backend:cudaMallocAsync`` does not enforce it (measured,
+    ``benchmarks/gpu_memory_guard.py``): that combination is refused.
     """
     options = parse_alloc_conf(admin_conf)
     if options.get("backend") == "cudaMallocAsync" and not memory_guard:
