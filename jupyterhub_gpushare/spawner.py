@@ -740,8 +740,11 @@ class GPUShareSpawner(KubeSpawner):
         try:
             ticket = await self.wait_for_slices(share)
             if share.uses_gpu:
-                # what the server gets, and whether the driver or the frameworks cap it
-                self._queue_update(note=messages.share_message(share))
+                # what the server gets, and whether the driver or the frameworks cap it,
+                # after what the queue said ("A GPU slice is free: ...")
+                said = (getattr(self, "_queue_note", None) or "").rstrip(". ")
+                note = messages.share_message(share)
+                self._queue_update(note=f"{said}. {note}" if said else note)
         finally:
             self._queue_done = True
             self._queue_update()

@@ -176,8 +176,9 @@ async def test_mps_nodes_give_a_hard_cap_of_one_slice(hub, cluster, core, namesp
         assert events[-1].get("ready"), events[-1]
         (cap,) = [e["message"] for e in events if "of its memory" in e.get("message", "")]
         assert cap == (
-            "Your server gets 1 of the 4 slices of a GPU and 7.2 GiB of its memory (a hard cap: "
-            "with MPS the GPU itself holds every process to it, and to 1/4 of the GPU's compute)."
+            "A GPU slice is free: starting your server. Your server gets 1 of the 4 slices of a "
+            "GPU and 7.2 GiB of its memory (a hard cap: with MPS the GPU itself holds every "
+            "process to it, and to 1/4 of the GPU's compute)."
         )
         env = process_environment(cluster, await user_pod(core, namespace, "gil"))
         assert env["GPUSHARE_SHARING"] == "mps"
