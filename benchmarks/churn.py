@@ -207,6 +207,12 @@ def _make_core(kind: str, state_dir: str):
     return FullRecompute(RESOURCES, os.path.join(state_dir, "queue.json"))
 
 
+def _rss_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
 def _cycle_pending(core) -> bool:
     """Whether the core still has to run the cycle that deals with the last event."""
     return bool(getattr(core, "_cycle_scheduled", False) or getattr(core, "_pending", False))
@@ -374,8 +380,6 @@ async def _drive(spec: dict) -> dict:
             "n": len(ms),
         }
 
-    status = Path("/proc/self/status").read_text()
-    rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
     return {
         "core": spec["core"],
         "rate": spec["rate"],
@@ -389,7 +393,7 @@ async def _drive(spec: dict) -> dict:
         "missed": missed,
         "cpu_ms_per_event": 1000 * cpu / len(arrivals),
         "achieved_rate": len(arrivals) / (elapsed_until - started),
-        "rss_mib": rss / 1024,
+        "rss_mib": _rss_mib(),
     }
 
 
