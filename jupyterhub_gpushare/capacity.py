@@ -184,6 +184,7 @@ def pool_totals(spec: PoolSpec, capacities: Mapping[str, NodeCapacity], waiting:
         "resource": spec.resource,
         "selector": dict(spec.selector),
         "products": sorted({n.product for n in nodes}),
+        "sharing": sorted({n.strategy for n in nodes}),
         "nodes": len(nodes),
         "slices_total": sum(n.total for n in nodes),
         "slices_used": sum(min(n.used, n.total) for n in nodes),

@@ -29,7 +29,7 @@ from .capacity import (
     pod_slices,
     quantity,
 )
-from .objects import PRODUCT_LABEL
+from .objects import PRODUCT_LABEL, STRATEGY_LABEL
 
 NodeKey = tuple[str, str]  # (resource, node name)
 
@@ -61,6 +61,7 @@ class PoolTotals:
     booked: int = 0  # of those free slices, promised to admitted spawns
     nodes: int = 0
     products: Counter = field(default_factory=Counter)
+    sharing: Counter = field(default_factory=Counter)  # nodes per sharing strategy
 
     @property
     def available(self) -> int:
@@ -74,6 +75,7 @@ class PoolTotals:
             "resource": spec.resource,
             "selector": dict(spec.selector),
             "products": sorted(p for p, n in self.products.items() if n > 0),
+            "sharing": sorted(s for s, n in self.sharing.items() if n > 0),
             "nodes": self.nodes,
             "slices_total": self.total,
             "slices_used": self.used,
@@ -135,7 +137,9 @@ class ClusterView:
         totals.free += sign * free
         totals.booked += sign * booked
         totals.nodes += sign
-        totals.products[self.nodes[name].labels.get(PRODUCT_LABEL, "unknown GPU")] += sign
+        labels = self.nodes[name].labels
+        totals.products[labels.get(PRODUCT_LABEL, "unknown GPU")] += sign
+        totals.sharing[labels.get(STRATEGY_LABEL, "none")] += sign
         self.changed_pools.add(pool_key)
 
     def pools_of(self, node: str) -> set[str]:

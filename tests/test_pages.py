@@ -283,6 +283,8 @@ async def test_admin_page_has_user_table_and_gpu_panel(hub, scene, browser):
             "NVIDIA GeForce RTX 5090 · 2 GPUs \u00d7 2 replicas = 4 slices"
         )
         await expect(rtx.locator('[data-gs="node-usage"]')).to_have_text("4 of 4 in use · 0 free")
+        # time-sliced: what holds users to their memory share is the frameworks
+        await expect(rtx.locator('[data-gs="cap"]')).to_have_text("cooperative cap")
         await expect(rtx.locator(".gs-bar .gs-used")).to_have_count(4)
         await expect(rtx.locator(".gs-holders tbody tr")).to_have_count(4)
         assert sorted(await rtx.locator(".gs-holders td.gs-user").all_inner_texts()) == sorted(
@@ -377,6 +379,7 @@ async def test_service_page_for_users_and_admins(hub, scene, browser):
         await expect(place).to_contain_text("of 2 in line for")
         rtx_pool = root.locator('tr[data-pool="nvidia.com/gpu|gpushare.dev/pool=rtx"]')
         await expect(rtx_pool.locator('[data-gs="pool-free"]')).to_have_text("0 of 4 free")
+        await expect(rtx_pool.locator('[data-gs="cap"]')).to_have_text("cooperative cap")
         await expect(rtx_pool.locator('[data-gs="pool-waiting"]')).to_have_text("2 waiting")
         # a user sees no node, no holder, no other user's name
         assert await root.locator(".gs-node").count() == 0

@@ -35,7 +35,15 @@ from .queuestore import QueueStore
 # what users are told while the service cannot see the cluster (admins see why)
 NOT_READY = "the GPU service is reading the cluster's GPU nodes"
 # what a ticket's status says of its pool: what the spawn page shows
-TICKET_POOL_KEYS = ("key", "resource", "selector", "products", "slices_total", "slices_free")
+TICKET_POOL_KEYS = (
+    "key",
+    "resource",
+    "selector",
+    "products",
+    "sharing",
+    "slices_total",
+    "slices_free",
+)
 
 
 class Dispatcher(LoggingConfigurable):
