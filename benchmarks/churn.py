@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> Report:
             "release_share": args.release_share,
             "seed": args.seed,
         },
-        other="full recompute (2026-11-29 core)",
+        other="full-recompute core (2026-11-29)",
         other_key="full_recompute",
+        ours="incremental core",
     )
     results: dict[tuple[str, int], dict] = {}
     for rate in rates:

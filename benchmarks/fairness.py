@@ -224,8 +224,9 @@ def run(args: argparse.Namespace) -> Report:
             "mean_session_minutes": args.mean_session_minutes,
             "days": args.seeds,
         },
-        other="kube-scheduler (plain KubeSpawner)",
+        other="kube-scheduler's backfilling (plain KubeSpawner)",
         other_key="scheduler",
+        ours="one strict order (our queue)",
     )
     results: dict[str, dict[str, list[float]]] = {"ours": {}, "scheduler": {}}
     per_day = {"ours": [], "scheduler": []}
