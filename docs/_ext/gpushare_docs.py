@@ -11,8 +11,9 @@ that the pages pull in with ``{include}``:
   these (anything else is a build warning, so an error under ``-W``);
 - ``results-<name>.md``: the GPU measurements in ``benchmarks/results/`` when they
   exist, else a note that says how to produce them; ``performance-*.md``: the
-  expected shares next to the figures measured during design and, once
-  measured, with the release; ``memory-*.md`` and ``sharing-comparison.md``: the
+  expected shares next to the measured ones; ``bench-<name>.md``: the cluster
+  benchmarks' main tables, as ``benchmarks/README.md`` shows them;
+  ``memory-*.md`` and ``sharing-comparison.md``: the
   memory guard's and MPS's measurements as tables (escape routes, allocator
   options, what users see, time-slicing against MPS);
 - ``screenshots.md``: the images in ``_static/screenshots/``, if any.
@@ -353,8 +354,8 @@ def results_page(name: str, command: str) -> str:
     if not (data_path.exists() or text_path.exists()):
         return (
             "```{note}\n"
-            f"No measurement in `benchmarks/results/{name}.*` yet: the figures above were "
-            "measured during design. On a machine with an NVIDIA GPU, run\n"
+            f"No measurement in `benchmarks/results/{name}.*` yet. On a machine with an "
+            "NVIDIA GPU, run\n"
             f"`{command}` and build the docs again; the measured figures then appear here.\n"
             "```\n"
         )
@@ -387,14 +388,6 @@ def results_page(name: str, command: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-# Measured during design on one H200 (per-process bf16 GEMM TFLOP/s; interactive
-# p50/p99/max ms beside N-1 busy processes), shown until a release measurement exists
-# and beside it afterwards.
-DESIGN_THROUGHPUT = {1: 668.0, 2: 310.5, 4: 155.2, 8: 77.5}
-DESIGN_LATENCY = {1: (0.23, 0.35, 0.39), 2: (1.58, 2.43, 2.47), 4: (3.87, 7.14, 7.70)}
-DESIGN_LATENCY[8] = (6.19, 17.6, 18.0)
-
-
 def _timeslicing_measurement() -> dict | None:
     """Per-process throughput and interactive latency per N from the release
     measurement, or None if there is none (or it cannot be read)."""
@@ -418,53 +411,38 @@ def _timeslicing_measurement() -> dict | None:
 
 
 def performance_tables() -> tuple[str, str]:
+    """Throughput per user and short-step latency from the release measurement."""
     measured = _timeslicing_measurement()
-    ns = sorted(set(DESIGN_THROUGHPUT) | set((measured or {}).get("throughput", {})))
-    head = "| users computing on one GPU | expected share each |"
-    rule = "|---|---|"
-    if measured:
-        head += " measured per user, this release | of one user alone |"
-        rule += "---|---|"
-    head += " measured per user during design | of one user alone |"
-    rule += "---|---|"
-    rows = [head, rule]
-    for n in ns:
-        row = f"| {n} | {100 / n:g} % |"
-        if measured:
-            alone = measured["throughput"].get(1)
-            value = measured["throughput"].get(n)
-            if value is None or not alone:
-                row += " | |"
-            else:
-                row += f" {value:.1f} TFLOP/s | {100 * value / alone:.1f} % |"
-        design = DESIGN_THROUGHPUT.get(n)
-        if design is None:
-            row += " | |"
-        else:
-            row += f" {design:g} TFLOP/s | {100 * design / DESIGN_THROUGHPUT[1]:.1f} % |"
-        rows.append(row)
+    if not measured:
+        note = _not_measured("gpu_timeslicing", "python3 benchmarks/gpu_timeslicing.py")
+        return note, note
+    alone = measured["throughput"].get(1)
+    rows = [
+        "| users computing on one GPU | expected share each | measured per user "
+        "| of one user alone |",
+        "|---|---|---|---|",
+    ]
+    for n in sorted(measured["throughput"]):
+        value = measured["throughput"][n]
+        of_alone = f"{100 * value / alone:.1f} %" if alone else ""
+        rows.append(f"| {n} | {100 / n:g} % | {value:.1f} TFLOP/s | {of_alone} |")
     throughput = "\n".join(rows) + "\n"
-
-    def times(values) -> str:
-        return " / ".join(f"{v:.2f}" for v in values) + " ms"
-
-    head = "| busy neighbours |"
-    rule = "|---|"
-    if measured:
-        head += " p50 / p99 / max, this release |"
-        rule += "---|"
-    head += " p50 / p99 / max, during design |"
-    rule += "---|"
-    rows = [head, rule]
-    for n in sorted(set(DESIGN_LATENCY) | set((measured or {}).get("latency", {}))):
-        row = f"| {n - 1} |"
-        if measured:
-            value = measured["latency"].get(n)
-            row += f" {times(value)} |" if value else " |"
-        design = DESIGN_LATENCY.get(n)
-        row += f" {times(design)} |" if design else " |"
-        rows.append(row)
+    rows = ["| busy neighbours | p50 / p99 / max |", "|---|---|"]
+    for n in sorted(measured["latency"]):
+        values = measured["latency"][n]
+        rows.append(f"| {n - 1} | " + " / ".join(f"{v:.2f}" for v in values) + " ms |")
     return throughput, "\n".join(rows) + "\n"
+
+
+def cluster_benchmark(name: str) -> str:
+    """A cluster benchmark's main table, as benchmarks/README.md shows it."""
+    import sys
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import readme
+
+    return readme.render(f"{{{{results:{name}}}}}\n", RESULTS).split("-->\n\n", 1)[1]
 
 
 # -- the memory share: tables from the memory guard's and MPS's measurements --------
@@ -817,6 +795,8 @@ def generate(app) -> None:
     write("screenshots.md", screenshots_page())
     throughput, latency = performance_tables()
     write("performance-throughput.md", throughput)
+    for name in ("handover", "queue_updates", "churn", "fairness", "scale", "spawn_cost"):
+        write(f"bench-{name}.md", cluster_benchmark(name))
     write("performance-latency.md", latency)
 
 
