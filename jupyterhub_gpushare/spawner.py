@@ -682,6 +682,11 @@ class GPUShareSpawner(KubeSpawner):
 
     # -- pods the device plugin rejected ----------------------------------------
     def is_pod_running(self, pod):
+        place = getattr(self, "_place", None)
+        if place is not None and place.failure is not None:
+            # work beside the spawn failed (creating a rejected pod again): say so now
+            # rather than at start_timeout
+            raise place.failure
         status = (pod or {}).get("status") or {}
         if status.get("phase") == "Failed" and status.get("reason") in RETRYABLE_POD_FAILURES:
             uid = pod["metadata"]["uid"]

@@ -129,7 +129,7 @@ class Dispatcher(LoggingConfigurable):
         self._cycle_scheduled = False
         self._publish_all = True
         self._places_published: object = None
-        self._summaries: dict[str, dict] | None = None
+        self._summaries: dict[str, dict] = {}  # what waiting users see of each pool
         self._save_handle: asyncio.TimerHandle | None = None
         self._housekeeping: asyncio.Task | None = None
 
@@ -190,6 +190,8 @@ class Dispatcher(LoggingConfigurable):
         self._cycle_scheduled = False
         now = time.time()
         changes = self.view.take_changes()
+        for key in changes.pools:
+            self._summaries.pop(key, None)
         for (resource, node), slices in changes.released:
             pools = [k for k in self.view.pools_of(node) if self.view.pools[k].resource == resource]
             self.queue.record_release(pools, now, slices)
@@ -258,18 +260,23 @@ class Dispatcher(LoggingConfigurable):
         Following a ticket is how the hub shows that its spawn is alive.
         """
         follower = self.follow(ticket_id)
+        loop = asyncio.get_running_loop()
+        written = loop.time()
         try:
             while True:
-                try:
-                    await asyncio.wait_for(follower.changed.wait(), keepalive)
-                except asyncio.TimeoutError:
-                    yield None
-                    continue
+                # a timer, not wait_for: no task per wake-up, and it also wakes us
+                # for the keepalive
+                timer = loop.call_later(keepalive, follower.changed.set)
+                await follower.changed.wait()
+                timer.cancel()
                 follower.changed.clear()
                 status = follower.final or self.ticket_status(ticket_id).to_json()
                 if status != follower.last:
-                    follower.last = status
+                    follower.last, written = status, loop.time()
                     yield status
+                elif loop.time() - written >= keepalive:
+                    written = loop.time()
+                    yield None
                 if status["state"] == GONE:
                     return
         finally:
@@ -281,14 +288,12 @@ class Dispatcher(LoggingConfigurable):
         return self.view.pool_summary(spec, waiting)
 
     def _ticket_pool(self, spec: PoolSpec) -> dict:
-        """What a waiting user is shown of their pool (shared within a cycle)."""
-        summaries = self._summaries
-        if summaries is not None and spec.key in summaries:
-            return summaries[spec.key]
-        full = self.view.pool_summary(spec, 0)
-        summary = {k: full[k] for k in TICKET_POOL_KEYS}
-        if summaries is not None:
-            summaries[spec.key] = summary
+        """What a waiting user is shown of their pool; kept until the pool's
+        totals change (every cycle drops the changed ones)."""
+        summary = self._summaries.get(spec.key)
+        if summary is None:
+            full = self.view.pool_summary(spec, 0)
+            summary = self._summaries[spec.key] = {k: full[k] for k in TICKET_POOL_KEYS}
         return summary
 
     def ticket_status(
