@@ -222,9 +222,11 @@ def _rss_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def _cycle_pending(core) -> bool:
-    """Whether the core still has to run the cycle that deals with the last event."""
-    return bool(getattr(core, "_cycle_scheduled", False) or getattr(core, "_pending", False))
+def _done(core) -> float | None:
+    """Now, if the core has dealt with the event it was just handed; None if that
+    takes a cycle still to come (then the cycle's end counts)."""
+    pending = getattr(core, "_cycle_scheduled", False) or getattr(core, "_pending", False)
+    return None if pending else time.perf_counter()
 
 
 def _admitted(core) -> list[tuple[str, str]]:
@@ -345,11 +347,13 @@ async def _drive(spec: dict) -> dict:
             pods[key] = _pod(key, node, ticket=ticket)
             keys.append(key)
             core.apply("pods", key, pods[key])
+            done_at_once.append(_done(core))
         elif rng.random() < spec["release_share"]:
             key = keys.pop(rng.randrange(len(keys)))
             del pods[key]
             releases.append((arrivals[-1], set(waiting)))
             core.apply("pods", key, None)
+            done_at_once.append(_done(core))
             await asyncio.sleep(0)  # the cycle runs: someone is admitted
             for ticket, node in _admitted(core):
                 if ticket not in podded and node:
@@ -361,7 +365,7 @@ async def _drive(spec: dict) -> dict:
             key = keys[rng.randrange(len(keys))]
             # a status update that changes nothing capacity depends on
             core.apply("pods", key, dict(pods[key]))
-        done_at_once.append(None if _cycle_pending(core) else time.perf_counter())
+            done_at_once.append(_done(core))
     await asyncio.sleep(0.5)
     elapsed_until = max(cycle_ends[-1], arrivals[-1]) if cycle_ends else arrivals[-1]
     cpu = time.process_time() - cpu_before

@@ -425,17 +425,21 @@ class FairQueue:
         keys = sorted({t.pool.key for t in line})
         specs = {t.pool.key: t.pool for t in line}
         rivals = {k: [q for q in keys if self._overlaps(specs[k], specs[q])] for k in keys}
-        totals = {k: 0 for k in keys}
+        totals = dict.fromkeys(keys, 0)
         for ticket in line:
             totals[ticket.pool.key] += 1
+        line_length = {k: sum(totals[q] for q in rivals[k]) for k in keys}
         seen = dict.fromkeys(keys, 0)
         slices_seen = dict.fromkeys(keys, 0)
         places = {}
         for ticket in line:
             key = ticket.pool.key
+            others = rivals[key]
+            # usually a pool competes with itself only
+            ahead = seen[key] if len(others) == 1 else sum(seen[q] for q in others)
             places[ticket.id] = Place(
-                position=sum(seen[q] for q in rivals[key]) + 1,
-                waiting=sum(totals[q] for q in rivals[key]),
+                position=ahead + 1,
+                waiting=line_length[key],
                 reason=self._reasons.get(ticket.id),
                 slices_ahead=slices_seen[key],
             )

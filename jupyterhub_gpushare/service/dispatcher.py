@@ -1,10 +1,11 @@
 """The service's core: watch events in, admissions and status updates out.
 
-The watchers feed the :class:`~..clusterview.ClusterView` one event at a time;
-after each burst of events (one turn of the event loop), one cycle settles
-bookings whose pods are now bound, admits whoever a node has room for, saves
-the line if it changed, and tells each followed spawn its status if that
-changed. Nothing in a cycle scans the whole cluster.
+The watchers feed the :class:`~..clusterview.ClusterView` one event at a time,
+and each event is dealt with at once: a cycle settles bookings whose pods are
+now bound, admits whoever a node has room for, marks the line to be saved, and
+wakes the followers whose status may have changed (each works out its own
+afterwards). Nothing in a cycle scans the whole cluster. A re-list, which
+swaps in a whole new list, makes one cycle.
 
 A spawn is known to be alive while the hub follows its ticket. One that nobody
 follows for ``reconnect_seconds`` (the hub restarted and dropped it, or its
@@ -173,7 +174,10 @@ class Dispatcher(LoggingConfigurable):
             self.view.apply_node(key, obj)
         else:
             self.view.apply_pod(key, obj)
-        self._soon()
+        # dealt with at once: a cycle after one event touches one node's worth of
+        # state, and the followers it wakes work out their statuses afterwards
+        if not self._cycle_scheduled:
+            self.cycle()
 
     def stale(self, kind: str, problem: str) -> None:
         self._publish_all = True
