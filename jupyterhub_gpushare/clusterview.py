@@ -49,6 +49,7 @@ class _Pod:
     user: str | None
     server: str | None
     ticket: str | None
+    deleting: bool = False  # being deleted: its slices free within seconds
 
 
 @dataclass
@@ -270,6 +271,7 @@ class ClusterView:
             user=user,
             server=(meta.get("labels") or {}).get(HUB_SERVER_LABEL, "") if user else None,
             ticket=annotations.get(TICKET_ANNOTATION),
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
     def _unhold(self, key: str, old: _Pod) -> None:

@@ -49,6 +49,7 @@ class Ticket:
     confirm_by: float | None = None
     held_until: float | None = None
     kept_place: bool = False  # took over the place of a spawn the hub dropped
+    joined_at: float | None = None  # when the service first had it in line
 
     @property
     def order(self) -> tuple[float, str]:
@@ -76,6 +77,7 @@ class Ticket:
             "state": self.state,
             "node": self.node,
             "held_until": self.held_until,
+            "joined_at": self.joined_at,
         }
 
     @classmethod
@@ -98,6 +100,7 @@ class Ticket:
             state=state,
             node=data.get("node"),
             held_until=float(data["held_until"]) if data.get("held_until") else None,
+            joined_at=float(data["joined_at"]) if data.get("joined_at") else None,
         )
 
 
@@ -109,6 +112,12 @@ class Place:
     waiting: int
     reason: str | None = None
     slices_ahead: int = 0  # asked for by those ahead in the same pool
+    # asked for by those ahead in every pool that competes for the same nodes
+    rival_slices_ahead: int = 0
+    # someone ahead among those asks for more than one slice at once
+    multi_slice_ahead: bool = False
+    # someone ahead is a ticket read back after a restart, not confirmed yet
+    unconfirmed_ahead: bool = False
 
 
 @dataclass
@@ -195,6 +204,7 @@ class FairQueue:
             return current
         self._check_limits(request)
         ticket = Ticket.from_request(request)
+        ticket.joined_at = now
         held = self._held_place(request)
         if held is not None:
             # the hub dropped this server's earlier spawn: it keeps that place
@@ -412,6 +422,8 @@ class FairQueue:
             totals[ticket.pool.key] += 1
         seen = dict.fromkeys(keys, 0)
         slices_seen = dict.fromkeys(keys, 0)
+        multi_seen = dict.fromkeys(keys, False)
+        unconfirmed_seen = dict.fromkeys(keys, False)
         places = {}
         for ticket in line:
             key = ticket.pool.key
@@ -420,9 +432,14 @@ class FairQueue:
                 waiting=sum(totals[q] for q in rivals[key]),
                 reason=self._reasons.get(ticket.id),
                 slices_ahead=slices_seen[key],
+                rival_slices_ahead=sum(slices_seen[q] for q in rivals[key]),
+                multi_slice_ahead=any(multi_seen[q] for q in rivals[key]),
+                unconfirmed_ahead=any(unconfirmed_seen[q] for q in rivals[key]),
             )
             seen[key] += 1
             slices_seen[key] += ticket.slices
+            multi_seen[key] = multi_seen[key] or ticket.slices > 1
+            unconfirmed_seen[key] = unconfirmed_seen[key] or not ticket.confirmed
         self._places, self._places_version = places, self.view.membership_version
         return places
 

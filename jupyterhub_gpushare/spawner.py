@@ -544,7 +544,7 @@ class GPUShareSpawner(KubeSpawner):
         Runs once per open browser tab, so it only reads what the start task
         records and changes nothing.
         """
-        last = None
+        last = shown = None
         # The line ends when the spawn is admitted, goes ahead without the
         # queue, or needs no GPU; before it starts, the profile and Kubernetes
         # watches may still be loading.
@@ -553,9 +553,10 @@ class GPUShareSpawner(KubeSpawner):
             if place is None:
                 await asyncio.sleep(0.5)
                 continue
-            if place.view() != last:
-                last = place.view()
-                event = place.progress_event()
+            # also when only the time passed: the wait counts down by the minute
+            event = place.progress_event()
+            if place.view() != last or event != shown:
+                last, shown = place.view(), event
                 if event:
                     yield event
             await place.wait_for_change(1)

@@ -29,8 +29,10 @@ from ..objects import PRODUCT_LABEL
 from ..tickets import ADMITTED, GONE, HELD, WAITING, TicketRequest, TicketStatus
 from ..watch import node_watcher, pod_watcher
 from . import metrics
+from .hubapi import HubAPI
 from .notifier import Notifier
 from .queuestore import QueueStore
+from .reclaimer import Reclaimer
 
 # what users are told while the service cannot see the cluster (admins see why)
 NOT_READY = "the GPU service is reading the cluster's GPU nodes"
@@ -103,7 +105,7 @@ class Dispatcher(LoggingConfigurable):
         """,
     )
 
-    def __init__(self, api: client.CoreV1Api, **kwargs) -> None:
+    def __init__(self, api: client.CoreV1Api, hub_api: HubAPI | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.view = ClusterView(self.resources)
         self.queue = FairQueue(
@@ -120,6 +122,15 @@ class Dispatcher(LoggingConfigurable):
         self._publish_all = True
         self._places_published: object = None
         self._housekeeping: asyncio.Task | None = None
+        self.housekeeping_seconds = max(min(self.reconnect_seconds / 5, 2.0), 0.2)
+        self.reclaimer = Reclaimer(
+            self.view,
+            self.queue,
+            hub_api,
+            loop_seconds=self.housekeeping_seconds,
+            on_change=self._outlooks_changed,
+            parent=self,
+        )
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -150,6 +161,7 @@ class Dispatcher(LoggingConfigurable):
             self.view.replace_nodes(objects)
         else:
             self.view.replace_pods(objects)
+        self.reclaimer.changed()
         self._publish_all = True
         self._soon()
 
@@ -158,9 +170,15 @@ class Dispatcher(LoggingConfigurable):
             self.view.apply_node(key, obj)
         else:
             self.view.apply_pod(key, obj)
+        self.reclaimer.changed()
         self._soon()
 
     def stale(self, kind: str, problem: str) -> None:
+        self._publish_all = True
+        self._soon()
+
+    def _outlooks_changed(self) -> None:
+        # new activity or deadlines: every waiting spawn's estimate may differ
         self._publish_all = True
         self._soon()
 
@@ -242,7 +260,8 @@ class Dispatcher(LoggingConfigurable):
                 place.reason,
             )
             status.pool["waiting"] = place.waiting
-            status.eta_seconds = self.queue.estimated_wait(ticket_id)
+            outlook = self.reclaimer.outlook(ticket, self.reconnect_seconds)
+            status.eta_at, status.eta_bound_at = outlook.eta_at, outlook.bound_at
         elif ticket.state == ADMITTED:
             status.node = ticket.node
         elif ticket.state == HELD:
@@ -266,6 +285,7 @@ class Dispatcher(LoggingConfigurable):
             raise
         self.notifier.watch(ticket.id, now)
         if not known:
+            self.reclaimer.joined(ticket, now)
             self.log.info(
                 "%s joined the %s line: %s, %d slices%s",
                 ticket.id,
@@ -302,9 +322,8 @@ class Dispatcher(LoggingConfigurable):
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _housekeeping_loop(self) -> None:
-        interval = max(min(self.reconnect_seconds / 5, 2.0), 0.2)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.housekeeping_seconds)
             try:
                 self.housekeeping(time.time())
             except Exception:  # never let one bad turn end the loop for good
@@ -312,7 +331,7 @@ class Dispatcher(LoggingConfigurable):
 
     def housekeeping(self, now: float) -> None:
         """Spawns that went away lose their bookings; held places run out; unused
-        bookings expire."""
+        bookings expire; idle servers are reclaimed for those who wait."""
         changed = False
         for ticket_id in self.notifier.alone(self.reconnect_seconds, now):
             ticket = self.queue.tickets.get(ticket_id)
@@ -339,6 +358,7 @@ class Dispatcher(LoggingConfigurable):
         if changed:
             self.store.save(self.queue)
         self.cycle()
+        self.reclaimer.tick(now)
 
     # -- reading -------------------------------------------------------------------------------
     def pools(self) -> Iterable[PoolSpec]:
