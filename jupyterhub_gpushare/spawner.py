@@ -24,7 +24,7 @@ from . import objects
 from ._version import __version__
 from .capacity import PoolSpec
 from .objects import GPUShare, GPUShareConfigError
-from .queueclient import QueueClient, QueueRefused, QueueRejected
+from .queueclient import QueueClient, QueueRefused, QueueRejected, QueueUnavailable
 from .queueplace import QueuePlace, QueueTimeout, StartGate
 from .tickets import TicketRequest, TicketStatus
 
@@ -435,6 +435,7 @@ class GPUShareSpawner(KubeSpawner):
         return slices is None or slices > 0
 
     def start(self):
+        self.reclaim_notice = None  # told once the user starts it again
         self._place = None
         self._in_line = True  # until the server may start: read by progress()
         self._pod_retries = 0
@@ -575,7 +576,44 @@ class GPUShareSpawner(KubeSpawner):
         if place is not None and not self._start_future_done():
             # Stop Server while waiting: leave the line at once
             await place.leave("cancelled")
-        return await super().stop(now=now)
+        result = await super().stop(now=now)
+        await self._note_reclaim()
+        return result
+
+    # -- reclaimed servers ---------------------------------------------------------
+    # Why the gpushare service stopped this server, if it did (a dict of the
+    # service's api/reclaims): kept in the spawner's state, so that the user is
+    # told on their next visit, after a restart of the hub too, until they
+    # start the server again.
+    reclaim_notice: dict | None = None
+
+    async def _note_reclaim(self) -> None:
+        if not self.queue_url:
+            return
+        try:
+            notice = await self._queue_client().reclaim_notice(self.user.name, self.name)
+        except (QueueUnavailable, QueueRejected) as e:
+            self.log.debug("Could not ask the GPU service why %s stopped: %s", self._log_name, e)
+            return
+        if notice is not None:
+            self.reclaim_notice = notice
+            self.log.info(
+                "%s was reclaimed by the GPU service (idle for %.0fs while %s waited)",
+                self._log_name,
+                notice.get("idle_seconds") or 0,
+                notice.get("waiting"),
+            )
+
+    def get_state(self):
+        state = super().get_state()
+        if self.reclaim_notice:
+            state["gpushare_reclaim"] = self.reclaim_notice
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        notice = state.get("gpushare_reclaim")
+        self.reclaim_notice = notice if isinstance(notice, dict) else None
 
     # -- pods the device plugin rejected ----------------------------------------
     def is_pod_running(self, pod):
