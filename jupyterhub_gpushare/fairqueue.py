@@ -50,6 +50,7 @@ class Ticket:
     held_until: float | None = None
     kept_place: bool = False  # took over the place of a spawn the hub dropped
     joined_at: float | None = None  # when the service first had it in line
+    bound_at: float | None = None  # the earliest upper bound on its wait it was shown
 
     @property
     def order(self) -> tuple[float, str]:
@@ -78,6 +79,7 @@ class Ticket:
             "node": self.node,
             "held_until": self.held_until,
             "joined_at": self.joined_at,
+            "bound_at": self.bound_at,
         }
 
     @classmethod
@@ -100,8 +102,13 @@ class Ticket:
             state=state,
             node=data.get("node"),
             held_until=float(data["held_until"]) if data.get("held_until") else None,
-            joined_at=float(data["joined_at"]) if data.get("joined_at") else None,
+            joined_at=_time_or_none(data.get("joined_at")),
+            bound_at=_time_or_none(data.get("bound_at")),
         )
+
+
+def _time_or_none(value: object) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass
@@ -280,6 +287,7 @@ class FairQueue:
         self._unbook(ticket)
         ticket.state, ticket.node, ticket.admitted_at = HELD, None, None
         ticket.held_until = now + self.hold_seconds
+        ticket.bound_at = None  # a promise to a spawn that went away ends with it
         ticket.confirmed, ticket.confirm_by = True, None
         self._changed()
         return ticket

@@ -116,6 +116,8 @@ class Policy:
     check_seconds: float = 35
     # at most this long from the decision to stop a server until its slices are free
     stop_seconds: float = 30
+    # how often the service decides (one stop ends, the next one starts this much later)
+    step_seconds: float = 2
     culler: CullerSettings | None = None
 
     @property
@@ -238,12 +240,13 @@ def _judge(
         if policy.max_hold_seconds and seen.started is not None:
             holding.hold_deadline = seen.started + policy.max_hold_seconds
             if policy.stops_servers:
-                deadlines.append(holding.hold_deadline + policy.check_seconds)
+                deadlines.append(holding.hold_deadline)
         if policy.stops_servers and holding.reclaim_at is not None:
             expected.append(holding.reclaim_at + policy.check_seconds / 2)
     if culler is not None and culler.culls_every_server:
         if culler.max_age and seen.started is not None:
-            deadlines.append(seen.started + culler.max_age + culler.every)
+            # it looks every `every` seconds, and stops servers on its own
+            deadlines.append(seen.started + culler.max_age + culler.every + policy.stop_seconds)
         if culler.timeout and holding.last_seen is not None:
             expected.append(holding.last_seen + culler.timeout + culler.every / 2)
     holding.hard_deadline = min(deadlines) if deadlines else None
@@ -417,23 +420,31 @@ def outlook(
     place: Place,
     supply: Supply,
     policy: Policy,
+    now: float,
     clock: ReleaseClock | None = None,
     reconnect_seconds: float = 0,
     held_ahead: int = 0,
+    stop_in_flight: bool = False,
 ) -> Outlook:
-    """The estimate and the bound of one waiting spawn.
+    """The estimate and the bound of one waiting spawn, as of ``now``.
 
     It is admitted once the slices asked for by everyone ahead of it who
     competes for the same nodes (``place.rival_slices_ahead``, plus places held
     for spawns that may come back, ``held_ahead``) and its own are free in its
-    pool. The bound takes the k-th of the deadlines that cannot move, plus one
-    stop's time for each server that may be stopped before it (reclaims run
-    one at a time) and, with tickets ahead not yet back after a restart of the
-    service, the time they are waited for. It is only given where it can be
-    proved: a spawn that needs several slices on one node gets one only when
-    nobody is ahead of it, and nobody ahead may need several.
+    pool: the k-th slice. Let T be the k-th of the deadlines that cannot move
+    (``supply.hard``) and s the number of servers stopped to reach it. Every
+    one of those is eligible by T, and reclaim acts within ``check_seconds``,
+    one stop at a time per line, each taking at most ``stop_seconds`` and the
+    next starting at most ``step_seconds`` after the last (a stop already in
+    flight for this line goes first). So the spawn is admitted by::
+
+        max(T, now) + check + (s + in flight) * (stop + step)
+
+    plus, with tickets ahead not yet back after a restart of the service, the
+    time they are waited for. A spawn that needs several slices on one node
+    gets a bound only when nobody is ahead of it, and nobody ahead may need
+    several: elsewhere slices that free up on different nodes prove nothing.
     """
-    joined = ticket.joined_at if ticket.joined_at is not None else ticket.requested_at
     k = place.rival_slices_ahead + held_ahead + ticket.slices
     if ticket.slices == 1 and not place.multi_slice_ahead:
         hard, expected = kth_slice(supply.hard, k), kth_slice(supply.expected, k)
@@ -444,14 +455,15 @@ def outlook(
         hard = expected = None
     bound = None
     if hard is not None:
-        when, holders = hard
-        # a deadline that passed before this spawn joined is acted on once it waits
-        bound = max(when, joined + policy.check_seconds) + holders * policy.stop_seconds
+        when, stops = hard
+        per_stop = policy.stop_seconds + policy.step_seconds
+        bound = max(when, now) + policy.check_seconds + (stops + stop_in_flight) * per_stop
         if place.unconfirmed_ahead:
             bound += reconnect_seconds
     estimates = []
     if expected is not None:
-        when, holders = expected
+        when, _ = expected
+        joined = ticket.joined_at if ticket.joined_at is not None else ticket.requested_at
         estimates.append(max(when, joined) + policy.stop_seconds / 2)
     if clock is not None and clock.times:
         per_slice = clock.seconds_per_slice()

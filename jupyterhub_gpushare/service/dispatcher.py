@@ -260,8 +260,14 @@ class Dispatcher(LoggingConfigurable):
                 place.reason,
             )
             status.pool["waiting"] = place.waiting
-            outlook = self.reclaimer.outlook(ticket, self.reconnect_seconds)
-            status.eta_at, status.eta_bound_at = outlook.eta_at, outlook.bound_at
+            outlook = self.reclaimer.outlook(ticket, self.reconnect_seconds, time.time())
+            if outlook.bound_at is not None:
+                # every bound shown is a promise: a later, looser one never replaces it
+                ticket.bound_at = min(ticket.bound_at or outlook.bound_at, outlook.bound_at)
+            status.eta_bound_at = ticket.bound_at
+            status.eta_at = outlook.eta_at
+            if status.eta_at is not None and ticket.bound_at is not None:
+                status.eta_at = min(status.eta_at, ticket.bound_at)
         elif ticket.state == ADMITTED:
             status.node = ticket.node
         elif ticket.state == HELD:

@@ -295,6 +295,7 @@ class Reclaimer(LoggingConfigurable):
             exempt_groups=frozenset(self.exempt_groups),
             check_seconds=self.activity_refresh_seconds + 2 * self.loop_seconds,
             stop_seconds=self.stop_seconds,
+            step_seconds=self.loop_seconds,
             culler=culler,
         )
 
@@ -343,7 +344,7 @@ class Reclaimer(LoggingConfigurable):
     def holding_of(self, pod_key: str) -> Holding | None:
         return next((h for h in self.holdings() if h.pod == pod_key), None)
 
-    def outlook(self, ticket: Ticket, reconnect_seconds: float) -> Outlook:
+    def outlook(self, ticket: Ticket, reconnect_seconds: float, now: float) -> Outlook:
         """Estimate and bound of a waiting spawn."""
         place = self.queue.places().get(ticket.id)
         if place is None:
@@ -362,9 +363,11 @@ class Reclaimer(LoggingConfigurable):
             place,
             supply,
             self.policy,
+            now,
             clock=self.queue.releases.get(ticket.pool.key),
             reconnect_seconds=reconnect_seconds,
             held_ahead=held_ahead,
+            stop_in_flight=ticket.pool.key in self._stops,
         )
 
     # -- activity --------------------------------------------------------------------------
