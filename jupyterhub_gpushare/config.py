@@ -196,9 +196,16 @@ def _service_config(c: Config) -> str | None:
     if not found:
         return None
     try:
-        return json.dumps(found)
+        return json.dumps(found, default=_sets_as_lists)
     except TypeError as e:
         raise GPUShareConfigError(
             f"the gpushare service settings {sorted(found)} must be plain values "
             f"(numbers, strings, lists, dicts) to reach the service: {e}"
         ) from None
+
+
+def _sets_as_lists(value: object) -> list:
+    # c.Reclaimer.exempt_users = {"ann"}: a set in the config, a list in JSON
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

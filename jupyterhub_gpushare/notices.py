@@ -32,7 +32,7 @@ def _ago(seconds: float) -> str:
     return "just now" if seconds < 60 else f"{_minutes(seconds)} ago"
 
 
-def notice_text(notice: dict, server: str, now: float) -> str:
+def notice_text(notice: dict, server: str, now: float, starting: bool = False) -> str:
     """One reclaimed server, in words for its user."""
     at = float(notice.get("at") or now)
     idle = float(notice.get("idle_seconds") or 0)
@@ -45,10 +45,13 @@ def notice_text(notice: dict, server: str, now: float) -> str:
         why = f"it had held its GPU slice for {_minutes(held)} while {people} waited for one"
     else:
         why = f"it had been idle for {_minutes(idle)} while {people} waited for a GPU slice"
-    return (
-        f"{which} was stopped {_ago(now - at)} (at {clock}) to free its GPU slice: {why}. "
-        "Your files are kept; start it again whenever you need it."
+    after = (
+        "Your files were kept; it is starting again now."
+        if starting
+        else "Your files are kept; start it again whenever you need it."
     )
+    stopped = f"{which} was stopped {_ago(now - at)} (at {clock}) to free its GPU slice"
+    return f"{stopped}: {why}. {after}"
 
 
 def notices_html(user: Any, now: float | None = None) -> str:
@@ -60,10 +63,13 @@ def notices_html(user: Any, now: float | None = None) -> str:
     parts = []
     for name, spawner in sorted(spawners.items()):
         notice = getattr(spawner, "reclaim_notice", None)
-        if isinstance(notice, dict) and not getattr(spawner, "active", False):
+        if isinstance(notice, dict) and not getattr(spawner, "ready", False):
+            # shown until the server runs again: also while it starts (a hub
+            # without profiles starts the server right after login)
+            text = notice_text(notice, name, now, starting=bool(getattr(spawner, "active", False)))
             parts.append(
                 f'<span class="gpushare-reclaimed" data-server="{escape(name)}">'
-                f"{escape(notice_text(notice, name, now))}</span>"
+                f"{escape(text)}</span>"
             )
     return "<br>".join(parts)
 

@@ -435,7 +435,6 @@ class GPUShareSpawner(KubeSpawner):
         return slices is None or slices > 0
 
     def start(self):
-        self.reclaim_notice = None  # told once the user starts it again
         self._place = None
         self._in_line = True  # until the server may start: read by progress()
         self._pod_retries = 0
@@ -461,9 +460,13 @@ class GPUShareSpawner(KubeSpawner):
 
     def _start_finished(self, future: asyncio.Future) -> None:
         START_GATE.leave(id(self), self.concurrent_start_limit)
+        failed = future.cancelled() or future.exception() is not None
+        if not failed:
+            # running again: the notice of its reclaim has been read (the hub
+            # saves the state once start() returns, after this callback)
+            self.reclaim_notice = None
         place = getattr(self, "_place", None)
         if place is not None:
-            failed = future.cancelled() or future.exception() is not None
             self._closing = asyncio.ensure_future(place.close("cancelled" if failed else "started"))
 
     def _queue_client(self) -> QueueClient:
@@ -583,8 +586,8 @@ class GPUShareSpawner(KubeSpawner):
     # -- reclaimed servers ---------------------------------------------------------
     # Why the gpushare service stopped this server, if it did (a dict of the
     # service's api/reclaims): kept in the spawner's state, so that the user is
-    # told on their next visit, after a restart of the hub too, until they
-    # start the server again.
+    # told on their next visit, after a restart of the hub too, until the
+    # server runs again.
     reclaim_notice: dict | None = None
 
     async def _note_reclaim(self) -> None:

@@ -207,8 +207,11 @@ class NodesHandler(BaseHandler):
 
     access = {"GET": frozenset({ADMIN})}
 
-    def get(self) -> None:
+    async def get(self) -> None:
         d = self.dispatcher
+        # idle times and reclaim deadlines beside each holder: as fresh as reclaim's
+        d.reclaimer.looked_at()
+        await d.reclaimer.fresh_activity(max_age=d.reclaimer.activity_refresh_seconds)
         now = time.time()
         judged = {(h.pod, h.resource): h for h in d.reclaimer.holdings()}
         nodes = []
