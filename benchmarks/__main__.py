@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import handover, queue_updates, scale, spawn_cost
+from . import class_day, handover, queue_updates, scale, spawn_cost
 from .common import RESULTS_DIR, log
 
 BENCHMARKS = {
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "scale": scale,
     "queue-updates": queue_updates,
     "spawn-cost": spawn_cost,
+    "class-day": class_day,
 }
 
 

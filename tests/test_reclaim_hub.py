@@ -25,6 +25,7 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
+from jupyterhub_gpushare.reclaim import parse_time
 from jupyterhub_gpushare.testing.hub import LocalHub
 from jupyterhub_gpushare.testing.waiting import wait_for
 from tests.conftest import unique
@@ -126,12 +127,21 @@ def errors_in(log: str) -> list[str]:
 
 
 async def next_visit(hub: LocalHub, user: str) -> tuple[str, str]:
-    """What the user sees logging in (the spawn page, with its profiles) and on home."""
+    """What a user without a server sees logging in (the spawn page, with its
+    profiles), and the hub's home page."""
     browser = await hub.login(user)
     try:
         landing = await browser.get("/hub/")
         assert "/hub/spawn" in str(landing.url), landing.url  # a choice, not a spawn
         return landing.text, (await browser.get("/hub/home")).text
+    finally:
+        await browser.aclose()
+
+
+async def home_of(hub: LocalHub, user: str) -> str:
+    browser = await hub.login(user)
+    try:
+        return (await browser.get("/hub/home")).text
     finally:
         await browser.aclose()
 
@@ -173,7 +183,7 @@ async def test_idle_holders_are_reclaimed_for_waiting_users_and_only_then(
             for user in waiting:
                 await wait_ready(hub, user, timeout=180)
             for user in (idle_long, idle_less):
-                assert await server_state(hub, user) is None
+                await wait_for(lambda u=user: stopped(hub, u), 60, f"{user}'s server to stop")
             for user in busy:
                 assert (await server_state(hub, user))["ready"]
 
@@ -202,7 +212,7 @@ async def test_idle_holders_are_reclaimed_for_waiting_users_and_only_then(
             assert "was stopped" in page and "to free its GPU slice" in page
             assert "it had been idle for 1 minute while 2 people waited" in page
             assert "Your files are kept" in page
-        assert "gpushare-reclaimed" not in (await next_visit(hub, busy[0]))[1]
+        assert "gpushare-reclaimed" not in await home_of(hub, busy[0])
 
         # and the metrics count them
         metrics = (await service_get(hub, "metrics", admin))["text"]
@@ -210,10 +220,7 @@ async def test_idle_holders_are_reclaimed_for_waiting_users_and_only_then(
             'jupyterhub_gpushare_servers_reclaimed_total{outcome="stopped",reason="idle"} 2.0'
             in metrics
         )
-        held = re.search(
-            r"^jupyterhub_gpushare_idle_slices_held_seconds_total (\S+)$", metrics, re.M
-        )
-        assert held and float(held.group(1)) > 0
+        assert await idle_slice_seconds(hub, admin) > 0
     finally:
         await stop_all(hub, core, namespace, everyone)
 
@@ -240,10 +247,15 @@ async def test_dry_run_names_who_would_go_and_stops_nobody(hub_factory, core, na
         assert seen[idle[0]]["reclaim_now"] and not seen[idle[1]]["reclaim_now"]
         records = (await service_get(hub, "api/reclaims", admin))["reclaims"]
         assert [(r["user"], r["outcome"]) for r in records] == [(idle[0], "dry-run")]
-        # a few more turns of the service: still nobody is stopped, the log says it once
-        await wait_for(
-            lambda: service_log_turns(hub, 5), 60, "five more turns of the service's loop"
-        )
+        # the service goes on deciding, with the idle slices and the waiting user, for
+        # as long again as a real reclaim takes at most: still nobody is stopped
+        before = await idle_slice_seconds(hub, admin)
+        policy_check_and_stop = 30 + 2 * 2 + 30  # activity refresh, two turns, one stop
+
+        async def decided_on():
+            return await idle_slice_seconds(hub, admin) - before >= 2 * policy_check_and_stop
+
+        await wait_for(decided_on, 240, "the service to go on with the idle servers")
         for user in idle:
             assert (await server_state(hub, user))["ready"]
         assert (await server_state(hub, waiter))["pending"] == "spawn"
@@ -253,14 +265,15 @@ async def test_dry_run_names_who_would_go_and_stops_nobody(hub_factory, core, na
         await stop_all(hub, core, namespace, [*idle, waiter])
 
 
-_turns: dict[int, int] = {}
+async def stopped(hub: LocalHub, user: str) -> bool:
+    return await server_state(hub, user) is None
 
 
-def service_log_turns(hub: LocalHub, more: int) -> bool:
-    """True once the service has asked the hub for activity ``more`` more times."""
-    count = log_of(hub).count("GET /hub/api/users?state=active")
-    start = _turns.setdefault(id(hub), count)
-    return count >= start + more
+async def idle_slice_seconds(hub: LocalHub, admin: str) -> float:
+    """The service's count of slice-seconds held idle while someone waited."""
+    metrics = (await service_get(hub, "metrics", admin))["text"]
+    found = re.search(r"^jupyterhub_gpushare_idle_slices_held_seconds_total (\S+)$", metrics, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 # -- exempt and busy users ------------------------------------------------------------------
@@ -363,7 +376,10 @@ async def test_exempt_and_busy_users_are_never_reclaimed(hub_factory, core, name
 
         seen = await wait_for(both_judged, 240, "the exempt server idle three times over")
         assert seen["prof"]["exempt"] == "exempt user" and seen["prof"]["reclaim_at"] is None
-        assert seen[worker]["idle_seconds"] < 30 and seen[worker]["waiting"] == 1
+        assert seen[worker]["waiting"] == 1
+        # the hub sees the working kernel's server active (it reports every 5 s)
+        last = (await server_state(hub, worker))["last_activity"]
+        assert time.time() - parse_time(last) < 30
         assert (await server_state(hub, waiter))["pending"] == "spawn"
         for user in ("prof", worker):
             assert (await server_state(hub, user))["ready"]
@@ -376,7 +392,7 @@ async def test_exempt_and_busy_users_are_never_reclaimed(hub_factory, core, name
             response = await http.post(f"{hub.url}/user/{worker}/api/kernels/{kernel}/interrupt")
             assert response.status_code == 204
         await wait_ready(hub, waiter, timeout=240)
-        assert await server_state(hub, worker) is None
+        await wait_for(lambda: stopped(hub, worker), 60, f"{worker}'s server to stop")
         assert (await server_state(hub, "prof"))["ready"]
         reclaimed = re.findall(r"Reclaiming (\S+)'s default server", log_of(hub))
         assert reclaimed == [worker]
@@ -466,7 +482,7 @@ async def test_beside_the_idle_culler_no_server_is_stopped_twice(
         for user in waiting:
             await wait_ready(hub, user, timeout=240)
         for user in idle:
-            assert await server_state(hub, user) is None
+            await wait_for(lambda u=user: stopped(hub, u), 60, f"{user}'s server to stop")
 
         log = log_of(hub)
         for user in idle:

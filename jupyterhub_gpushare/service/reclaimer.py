@@ -531,7 +531,8 @@ class Reclaimer(LoggingConfigurable):
             self.changed()
             fresh = next((h for h in self.holdings() if h.pod == holding.pod), None)
             if fresh is None or not fresh.eligible(now):
-                skip = "its user is active again"
+                idle = fresh.idle_seconds(now) if fresh is not None else None
+                skip = "it is in use" + (f" (active {idle:.0f}s ago)" if idle is not None else "")
             else:
                 holding = fresh
         if skip is not None:
