@@ -315,7 +315,7 @@ async def get_server(run: Run, student: Student) -> bool:
                 return True
             if server:
                 seen_pending = True
-            elif seen_pending or run.now() - asked > 1:
+            elif seen_pending or run.now() - asked > 5:
                 break  # the spawn failed (start or queue timeout): the server is gone
         run.failed_spawns += 1
         if run.now() - asked >= run.args.patience:
