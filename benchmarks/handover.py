@@ -34,6 +34,7 @@ import httpx
 
 from jupyterhub_gpushare.testing.cluster import LocalCluster
 from jupyterhub_gpushare.testing.nodes import create_gpu_node
+from jupyterhub_gpushare.testing.waiting import wait_for
 
 from .common import (
     OURS,
@@ -47,7 +48,6 @@ from .common import (
     log,
     percentile,
     running_hub,
-    wait_for,
 )
 
 NAME = "handover"

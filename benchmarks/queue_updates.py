@@ -42,7 +42,7 @@ import httpx
 from jupyterhub_gpushare.service.handlers import HUB_SECRET_HEADER
 from jupyterhub_gpushare.testing.cluster import LocalCluster
 from jupyterhub_gpushare.testing.nodes import create_gpu_node
-from jupyterhub_gpushare.testing.waiting import TimedOut
+from jupyterhub_gpushare.testing.waiting import TimedOut, wait_for
 
 from .common import (
     OURS,
@@ -60,7 +60,6 @@ from .common import (
     request_delta,
     running_hub,
     service_pid,
-    wait_for,
 )
 
 NAME = "queue_updates"

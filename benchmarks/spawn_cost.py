@@ -28,6 +28,7 @@ from collections import Counter
 
 from jupyterhub_gpushare.testing.cluster import LocalCluster
 from jupyterhub_gpushare.testing.nodes import create_gpu_node
+from jupyterhub_gpushare.testing.waiting import wait_for
 
 from .common import (
     OURS,
@@ -46,7 +47,6 @@ from .common import (
     request_delta,
     running_hub,
     service_pid,
-    wait_for,
 )
 
 NAME = "spawn_cost"
