@@ -158,7 +158,9 @@ def scaled(seconds: float, scale: float) -> float:
     return seconds / 60 * scale
 
 
-def hub_extra(policy: str, args: argparse.Namespace) -> str:
+def hub_settings(policy: str, args: argparse.Namespace) -> tuple[str, str]:
+    """The hub's configuration: before configure(c) (the culler, the service's
+    settings, so that configure(c) sees and forwards them), and after it."""
     s = args.scale
     culler = [
         sys.executable,
@@ -167,7 +169,20 @@ def hub_extra(policy: str, args: argparse.Namespace) -> str:
         f"--timeout={max(round(scaled(3600, s)), 1)}",
         f"--cull-every={max(round(scaled(600, s)), 1)}",
     ]
-    lines = [
+    before = [
+        "c.JupyterHub.services = list(c.JupyterHub.services) + [",
+        f"    {{'name': 'jupyterhub-idle-culler', 'command': {culler!r}}}]",
+        "c.JupyterHub.load_roles = list(c.JupyterHub.load_roles) + [",
+        "    {'name': 'jupyterhub-idle-culler', 'services': ['jupyterhub-idle-culler'],",
+        "     'scopes': ['list:users', 'read:users:activity', 'read:servers', 'delete:servers']}]",
+    ]
+    if policy == "reclaim":
+        before += [
+            "c.Reclaimer.enabled = True",
+            f"c.Reclaimer.idle_seconds = {scaled(1200, s)}",
+            f"c.Reclaimer.activity_refresh_seconds = {scaled(30, s)}",
+        ]
+    after = [
         # in-process stand-ins (no command): sixty servers per hub fit on two cores
         "c.KubeSpawner.cmd = None",
         "c.KubeSpawner.args = []",
@@ -177,24 +192,13 @@ def hub_extra(policy: str, args: argparse.Namespace) -> str:
         # a hub that exits after five failed spawns in a row (plain KubeSpawner's
         # timeouts) would end the run: Kubernetes would restart it, we cannot
         "c.Spawner.consecutive_failure_limit = 0",
-        "c.JupyterHub.services = list(c.JupyterHub.services) + [",
-        f"    {{'name': 'jupyterhub-idle-culler', 'command': {culler!r}}}]",
-        "c.JupyterHub.load_roles = list(c.JupyterHub.load_roles) + [",
-        "    {'name': 'jupyterhub-idle-culler', 'services': ['jupyterhub-idle-culler'],",
-        "     'scopes': ['list:users', 'read:users:activity', 'read:servers', 'delete:servers']}]",
     ]
     if policy != "plain":
-        lines += [
+        after += [
             "c.GPUShareSpawner.memory_guard = False",
             f"c.GPUShareSpawner.queue_timeout = {scaled(1800, s)}",
         ]
-    if policy == "reclaim":
-        lines += [
-            "c.Reclaimer.enabled = True",
-            f"c.Reclaimer.idle_seconds = {scaled(1200, s)}",
-            f"c.Reclaimer.activity_refresh_seconds = {scaled(30, s)}",
-        ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(before) + "\n", "\n".join(after) + "\n"
 
 
 def iso(moment: float) -> str:
@@ -407,8 +411,9 @@ async def one_policy(cluster, core, policy: str, args, trace: list[Plan], start_
         labels={POLICY_LABEL: policy},
     )
     log(f"{policy}: starting the hub")
+    before, after = hub_settings(policy, args)
     async with running_hub(
-        cluster, namespace, plain=policy == "plain", extra=hub_extra(policy, args)
+        cluster, namespace, plain=policy == "plain", extra=after, before_configure=before
     ) as hub:
         api = HubAPI(hub)
         run = Run(policy, args, hub, api)
@@ -421,9 +426,23 @@ async def one_policy(cluster, core, policy: str, args, trace: list[Plan], start_
             if policy == "reclaim":
                 with contextlib.suppress(httpx.HTTPError):
                     run.reclaims = await _reclaims(hub, api)
-            await api.stop_all([s.name for s in run.students])
+            await stop_everything(api, [s.name for s in run.students])
             await api.close()
         return run
+
+
+async def stop_everything(api: HubAPI, names: list[str], timeout: float = 120) -> None:
+    """Stop every server, asking again for those the hub could not stop at once
+    (a spawn waiting in line may refuse the first request)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [n for n in await api.servers() if n in names]
+        if not left:
+            return
+        for start in range(0, len(left), 20):
+            await asyncio.gather(*(api.stop(n) for n in left[start : start + 20]))
+        await asyncio.sleep(2)
+    log(f"{api.hub.url}: some servers did not stop in time")
 
 
 async def _reclaims(hub, api: HubAPI) -> list[dict]:
