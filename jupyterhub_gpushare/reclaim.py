@@ -330,14 +330,14 @@ def plan(
     return needs
 
 
-def waiting_for(holding: Holding, view: ClusterView, line: Iterable[Ticket]) -> int:
+def waiting_by_pool(line: Iterable[Ticket]) -> Counter[tuple[str, str]]:
+    """Waiting spawns per (resource, pool key): counted once, read for every holding."""
+    return Counter((t.pool.resource, t.pool.key) for t in line if t.state == WAITING)
+
+
+def waiting_for(holding: Holding, view: ClusterView, waiting: Counter[tuple[str, str]]) -> int:
     """How many waiting spawns could use this holding's slices."""
-    pools = view.pools_of(holding.node)
-    return sum(
-        1
-        for t in line
-        if t.state == WAITING and t.pool.resource == holding.resource and t.pool.key in pools
-    )
+    return sum(waiting[(holding.resource, key)] for key in view.pools_of(holding.node))
 
 
 # -- what the line may be promised --------------------------------------------------------

@@ -139,6 +139,7 @@ class Dispatcher(LoggingConfigurable):
         self.nodes.start()
         self.pods.start()
         self._housekeeping = asyncio.ensure_future(self._housekeeping_loop())
+        self.log.info("Reclaim of idle GPU servers: %s", self.reclaimer.describe())
 
     async def stop(self) -> None:
         if self._housekeeping:

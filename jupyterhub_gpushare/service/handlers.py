@@ -27,6 +27,7 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..fairqueue import LimitReached
+from ..reclaim import waiting_by_pool
 from ..tickets import GONE, HUB_SECRET_HEADER, TicketError, TicketRequest
 from .dispatcher import NOT_READY
 
@@ -214,6 +215,7 @@ class NodesHandler(BaseHandler):
         await d.reclaimer.fresh_activity(max_age=d.reclaimer.activity_refresh_seconds)
         now = time.time()
         judged = {(h.pod, h.resource): h for h in d.reclaimer.holdings()}
+        waiting = waiting_by_pool(d.queue.waiting())
         nodes = []
         for resource in d.resources:
             for node in sorted(d.view.capacities(resource).values(), key=lambda n: n.name):
@@ -239,7 +241,9 @@ class NodesHandler(BaseHandler):
                                 "pod": h.pod,
                                 "slices": h.slices,
                                 "since": h.since,
-                                **self._reclaim(judged.get((f"{h.namespace}/{h.pod}", resource))),
+                                **self._reclaim(
+                                    judged.get((f"{h.namespace}/{h.pod}", resource)), waiting
+                                ),
                             }
                             for h in node.holders
                         ],
@@ -255,10 +259,10 @@ class NodesHandler(BaseHandler):
             }
         )
 
-    def _reclaim(self, holding) -> dict:
+    def _reclaim(self, holding, waiting) -> dict:
         if holding is None:  # not a hub user's server: reclaim never touches it
             return {}
-        return self.dispatcher.reclaimer.holding_json(holding, time.time())
+        return self.dispatcher.reclaimer.holding_json(holding, time.time(), waiting)
 
 
 class TicketsHandler(BaseHandler):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -46,6 +46,7 @@ from ..reclaim import (
     outlook,
     parse_time,
     plan,
+    waiting_by_pool,
     waiting_for,
 )
 from . import metrics
@@ -309,16 +310,21 @@ class Reclaimer(LoggingConfigurable):
             "description": self.describe(),
         }
 
-    def holding_json(self, holding: Holding, now: float) -> dict:
-        """What reclaim makes of one holding (no names: the caller adds those it may see)."""
+    def holding_json(
+        self, holding: Holding, now: float, waiting: Counter[tuple[str, str]] | None = None
+    ) -> dict:
+        """What reclaim makes of one holding (no names: the caller adds those it may
+        see). ``waiting``: :func:`waiting_by_pool` of the line, if already counted."""
         idle = holding.idle_seconds(now)
+        if waiting is None:
+            waiting = waiting_by_pool(self.queue.waiting())
         return {
             "idle_seconds": round(idle, 1) if idle is not None else None,
             "reclaim_at": holding.reclaim_at,
             "exempt": holding.exempt,
             "stopping": holding.stopping,
             "reclaim_now": holding.pod in self.would_reclaim,
-            "waiting": waiting_for(holding, self.view, self.queue.waiting()),
+            "waiting": waiting_for(holding, self.view, waiting),
         }
 
     def describe(self) -> str:
@@ -340,9 +346,6 @@ class Reclaimer(LoggingConfigurable):
             self._holdings = holdings(self.view, self.activity, self.policy, self._stopping_since)
             self._supply = {}
         return self._holdings
-
-    def holding_of(self, pod_key: str) -> Holding | None:
-        return next((h for h in self.holdings() if h.pod == pod_key), None)
 
     def outlook(self, ticket: Ticket, reconnect_seconds: float, now: float) -> Outlook:
         """Estimate and bound of a waiting spawn."""
@@ -427,16 +430,17 @@ class Reclaimer(LoggingConfigurable):
             return
         needs = plan(self.holdings(), self.view, line, now)
         self.would_reclaim = {n.holding.pod: n for n in needs}
+        counts = waiting_by_pool(line)
         for need in needs:
             if self.dry_run:
-                self._report(need, line, now)
+                self._report(need, counts, now)
                 continue
             pool, pod = need.ticket.pool.key, need.holding.pod
             # one stop at a time per line, and never two of the same server
             if pool in self._stops or pod in self._stops.values() or pod in self._stopping_since:
                 continue
             self._stops[pool] = pod
-            waiting = waiting_for(need.holding, self.view, line)
+            waiting = waiting_for(need.holding, self.view, counts)
             task = asyncio.ensure_future(self._reclaim(need, waiting))
             task.add_done_callback(lambda task, pool=pool: self._stop_done(pool, task))
 
@@ -488,13 +492,13 @@ class Reclaimer(LoggingConfigurable):
         self.history.append(record)
         return record
 
-    def _report(self, need: Need, line: list[Ticket], now: float) -> None:
+    def _report(self, need: Need, counts: Counter[tuple[str, str]], now: float) -> None:
         """Dry run: say once per server start who would be reclaimed."""
         holding = need.holding
         if holding.pod in self._reported and self._reported[holding.pod] == holding.started:
             return
         self._reported[holding.pod] = holding.started
-        waiting = waiting_for(holding, self.view, line)
+        waiting = waiting_for(holding, self.view, counts)
         record = self._record(need, waiting, now, "dry-run")
         metrics.SERVERS_RECLAIMED.labels(
             reason=record.reason.replace("-", "_"), outcome="dry_run"
