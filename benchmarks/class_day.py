@@ -10,29 +10,33 @@ machine load:
 - ``queue``: GPUShareSpawner with our queue, and the same culler;
 - ``reclaim``: the same, with reclaim on at its shipped idle time (20 min).
 
-The trace model (every draw from one seeded generator per student, so a
-student does the same under every policy; only what the policy makes of it
-differs):
+The trace model: a class's working day (``--minutes``, 8 hours), with every
+draw from one seeded generator per student, so a student does the same under
+every policy; only what the policy makes of it differs.
 
-- a student arrives at a time drawn from the first ``--arrive-within`` minutes
-  (``--late`` of them later, uniformly over the first half of the class);
-- they mean to work ``--work-min``-``--work-max`` minutes in all (uniform), in
-  bursts of active work (exponential, mean ``--burst``, at least 3 minutes);
-- between bursts they pause with their server open: a short pause
-  (exponential, mean ``--short-break``) with probability ``--short-share``, else
-  a long one (exponential, mean ``--long-break``: lunch, a lecture, another
-  course);
-- when done, ``--stop-share`` of them press Stop; the others leave their
-  server running, idle;
-- a student who needs a server and has none (not started yet, culled,
-  reclaimed, or their spawn failed) asks for one and waits; a failed spawn
-  (plain: ``start_timeout``; ours: ``queue_timeout``) is retried a minute
-  later; after ``--patience`` minutes of waiting for one server they give up
-  and leave the class;
-- while working, their server reports activity to the hub every 5 minutes (as
-  jupyterhub-singleuser does, ``JUPYTERHUB_ACTIVITY_INTERVAL``), and once at
-  the start of every burst (the proxy sees their requests); during pauses and
-  after leaving, nothing.
+- Arrivals: ``--peak-share`` of the students arrive in the first
+  ``--peak-within`` minutes (the morning lab session), the others uniformly
+  over the day until an hour before its end.
+- Work: each means to work ``--work-min`` to ``--work-max`` minutes in all
+  (uniform), in bursts of active work (exponential, mean ``--burst``, at
+  least 3 minutes).
+- Pauses between bursts, with the server left running: a short one
+  (exponential, mean ``--short-break``: reading, thinking, a chat) with
+  probability ``--short-share``, else a long one, uniform between
+  ``--long-break-min`` and ``--long-break-max`` (a lecture, lunch, another
+  course). Long absences are not memoryless: someone away for 20 minutes is
+  at a lecture or at lunch, not about to come back.
+- Leaving: when done, ``--stop-share`` of them press Stop; the others leave
+  their server running, idle.
+- Waiting: a student who needs a server and has none (not started yet,
+  culled, reclaimed, or their spawn failed) asks for one and waits; a failed
+  spawn (plain: ``start_timeout``; ours: ``queue_timeout``) is retried a
+  minute later; after ``--patience`` minutes of waiting for one server they
+  give up and leave for the day.
+- Activity: while working, their server reports activity to the hub every 5
+  minutes (as jupyterhub-singleuser does, ``JUPYTERHUB_ACTIVITY_INTERVAL``),
+  and once at the start of every burst (the proxy sees their requests);
+  during pauses and after leaving, nothing.
 
 Time scaling: one minute of class is ``--scale`` seconds. Every timing that is
 part of the model is scaled by the same factor (``value_s / 60 * scale``): the
@@ -97,16 +101,17 @@ POLICY_LABEL = "gpushare.dev/class-policy"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--students", type=int, default=60, help="students in the class")
     parser.add_argument("--slices", type=int, default=8, help="GPU slices (one node per policy)")
-    parser.add_argument("--minutes", type=float, default=180, help="length of the class")
-    parser.add_argument("--scale", type=float, default=2.0, help="wall seconds per minute of class")
+    parser.add_argument("--minutes", type=float, default=480, help="length of the day")
+    parser.add_argument("--scale", type=float, default=1.0, help="wall seconds per minute of class")
     parser.add_argument("--seed", type=int, default=14, help="seed of the trace")
-    parser.add_argument("--arrive-within", type=float, default=15, help="most arrive by then")
-    parser.add_argument("--late", type=float, default=0.2, help="share arriving later")
-    parser.add_argument("--work-min", type=float, default=15, help="least work, minutes")
-    parser.add_argument("--work-max", type=float, default=45, help="most work, minutes")
+    parser.add_argument("--peak-within", type=float, default=60, help="the morning session")
+    parser.add_argument("--peak-share", type=float, default=0.4, help="share arriving then")
+    parser.add_argument("--work-min", type=float, default=20, help="least work, minutes")
+    parser.add_argument("--work-max", type=float, default=60, help="most work, minutes")
     parser.add_argument("--burst", type=float, default=10, help="mean active burst, minutes")
     parser.add_argument("--short-break", type=float, default=4, help="mean short pause")
-    parser.add_argument("--long-break", type=float, default=30, help="mean long pause")
+    parser.add_argument("--long-break-min", type=float, default=30, help="shortest long pause")
+    parser.add_argument("--long-break-max", type=float, default=90, help="longest long pause")
     parser.add_argument("--short-share", type=float, default=0.7, help="share of short pauses")
     parser.add_argument("--stop-share", type=float, default=0.6, help="share who press Stop")
     parser.add_argument("--patience", type=float, default=60, help="minutes before giving up")
@@ -130,10 +135,10 @@ def make_trace(args: argparse.Namespace) -> list[Plan]:
     plans = []
     for index in range(args.students):
         rng = random.Random(f"{args.seed}-{index}")
-        if rng.random() < args.late:
-            arrival = rng.uniform(args.arrive_within, args.minutes / 2)
+        if rng.random() < args.peak_share:
+            arrival = rng.uniform(0, args.peak_within)
         else:
-            arrival = rng.uniform(0, args.arrive_within)
+            arrival = rng.uniform(0, max(args.minutes - 60, args.peak_within))
         work = rng.uniform(args.work_min, args.work_max)
         bursts: list[float] = []
         while sum(bursts) < work:
@@ -141,9 +146,9 @@ def make_trace(args: argparse.Namespace) -> list[Plan]:
         bursts[-1] -= sum(bursts) - work
         bursts[-1] = max(bursts[-1], 1.0)
         breaks = [
-            rng.expovariate(
-                1 / (args.short_break if rng.random() < args.short_share else args.long_break)
-            )
+            rng.expovariate(1 / args.short_break)
+            if rng.random() < args.short_share
+            else rng.uniform(args.long_break_min, args.long_break_max)
             for _ in bursts[:-1]
         ]
         plans.append(Plan(index, arrival, bursts, breaks, rng.random() < args.stop_share))

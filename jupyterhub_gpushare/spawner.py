@@ -12,6 +12,7 @@ import asyncio
 import copy
 import time
 import uuid
+from datetime import timezone
 
 from jupyterhub.utils import exponential_backoff, maybe_future, url_path_join
 from kubernetes_asyncio.client import V1DeleteOptions, V1Pod, V1Preconditions
@@ -579,8 +580,9 @@ class GPUShareSpawner(KubeSpawner):
         if place is not None and not self._start_future_done():
             # Stop Server while waiting: leave the line at once
             await place.leave("cancelled")
+        started = self._started_at()
         result = await super().stop(now=now)
-        await self._note_reclaim()
+        await self._note_reclaim(started)
         return result
 
     # -- reclaimed servers ---------------------------------------------------------
@@ -590,11 +592,22 @@ class GPUShareSpawner(KubeSpawner):
     # server runs again.
     reclaim_notice: dict | None = None
 
-    async def _note_reclaim(self) -> None:
+    def _started_at(self) -> float | None:
+        """When this server started (Unix time), as the hub recorded it."""
+        orm_spawner = getattr(self, "orm_spawner", None)
+        started = getattr(orm_spawner, "started", None)
+        if started is None:
+            return None
+        return started.replace(tzinfo=started.tzinfo or timezone.utc).timestamp()
+
+    async def _note_reclaim(self, started: float | None) -> None:
+        """Ask the service whether it is reclaiming this server (this run of it)."""
         if not self.queue_url:
             return
         try:
-            notice = await self._queue_client().reclaim_notice(self.user.name, self.name)
+            notice = await self._queue_client().reclaim_notice(
+                self.user.name, self.name, since=started
+            )
         except (QueueUnavailable, QueueRejected) as e:
             self.log.debug("Could not ask the GPU service why %s stopped: %s", self._log_name, e)
             return

@@ -419,7 +419,11 @@ class ReclaimsHandler(BaseHandler):
         user = self.get_argument("user", None)
         server = self.get_argument("server", None)
         if self.is_hub and user is not None:
-            record = reclaimer.notice_for(user, server or "", time.time())
+            try:
+                since = float(self.get_argument("since", "0"))
+            except ValueError:
+                raise APIError(400, "since must be a Unix time") from None
+            record = reclaimer.notice_for(user, server or "", time.time(), since)
             self.write_json({"reclaims": [record.to_json()] if record else []})
             return
         if self.is_hub or self.is_admin:

@@ -583,10 +583,14 @@ class Reclaimer(LoggingConfigurable):
         )
 
     # -- the hub and the users -------------------------------------------------------------
-    def notice_for(self, user: str, server: str, now: float) -> ReclaimRecord | None:
-        """The reclaim that stopped this server just now, if any (for its user)."""
+    def notice_for(
+        self, user: str, server: str, now: float, since: float = 0
+    ) -> ReclaimRecord | None:
+        """The reclaim that is stopping this server, if any (for its user): decided
+        after ``since`` (the server's start) and at most ``notice_seconds`` ago, so
+        that a server stopped later by someone else is never put down to it."""
         for record in reversed(self.history):
-            if now - record.at > self.notice_seconds:
+            if now - record.at > self.notice_seconds or record.at < since:
                 return None
             if (
                 record.user == user
