@@ -86,6 +86,18 @@ MATRIX = [
         {"anonymous": 403, "user": 403, "other-user": 403, "admin": 200, "hub": 403},
     ),
     (
+        "GET",
+        "api/reclaims",
+        None,
+        {"anonymous": 403, "user": 200, "other-user": 200, "admin": 200, "hub": 200},
+    ),
+    (
+        "GET",
+        "api/reclaims?user=alice&since=not-a-time",
+        None,
+        {"anonymous": 403, "user": 200, "other-user": 200, "admin": 200, "hub": 400},
+    ),
+    (
         "POST",
         "api/tickets",
         "new",
