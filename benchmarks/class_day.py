@@ -221,6 +221,7 @@ class Student:
     break_ends: float | None = None
     asked: float | None = None  # when the open request for a server was made
     idle_since: float | None = None  # when they last stopped working
+    up: bool = False  # their server has been ready since it last started
 
 
 @dataclass
@@ -277,10 +278,15 @@ async def poll(run: Run) -> None:
             continue
         now = run.now()
         for student in run.students:
-            # running when last seen: ready, or being stopped (its stop began since)
-            known = run.servers.get(student.name) or {}
-            was = known.get("ready") or known.get("pending") == "stop"
-            if was and student.name not in servers and not student.stopping:
+            server = servers.get(student.name)
+            if server and server.get("ready"):
+                student.up = True
+            if student.up and server is None:
+                # it ran, and is gone now (seen ready, then perhaps stopping, then gone)
+                student.up = False
+            else:
+                continue
+            if not student.stopping:
                 # stopped, and not by its student: the culler or reclaim. False if
                 # the student was at work, or comes back within 5 minutes
                 run.policy_stops.append((student.name, now))
