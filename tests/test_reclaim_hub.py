@@ -213,10 +213,6 @@ async def test_idle_holders_are_reclaimed_for_waiting_users_and_only_then(
             assert "it had been idle for 1 minute while 2 people waited" in page
             assert "Your files are kept" in page
         assert "gpushare-reclaimed" not in await home_of(hub, busy[0])
-        # the notice is kept in the spawner's state: a restart of the hub keeps it
-        await asyncio.to_thread(hub.restart)
-        _, home = await next_visit(hub, idle_less)
-        assert "while 1 person waited" in home or "while 2 people waited" in home
 
         # and the metrics count them
         metrics = (await service_get(hub, "metrics", admin))["text"]
@@ -225,6 +221,11 @@ async def test_idle_holders_are_reclaimed_for_waiting_users_and_only_then(
             in metrics
         )
         assert await idle_slice_seconds(hub, admin) > 0
+
+        # the notice is kept in the spawner's state: a restart of the hub keeps it
+        await asyncio.to_thread(hub.restart)
+        _, home = await next_visit(hub, idle_less)
+        assert "while 1 person waited" in home or "while 2 people waited" in home
     finally:
         await stop_all(hub, core, namespace, everyone)
 
