@@ -1,5 +1,6 @@
 # Everything a fresh machine needs, then the tests or the demo.
-#   make test   - install, build the local control plane (cached), lint, run every test
+#   make test   - install, build the local control plane and the device plugin's config
+#                 parser (cached), lint, run every test
 #   make demo   - the local GPU cluster plus a JupyterHub using GPUShareSpawner
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ CHP := $(CACHE)/node/node_modules/.bin/configurable-http-proxy
 CHROMIUM ?= /usr/bin/chromium
 export GPUSHARE_CHROMIUM := $(CHROMIUM)
 
-deps: $(STAMP) $(CHP) control-plane $(CHROMIUM)
+deps: $(STAMP) $(CHP) control-plane plugin-config $(CHROMIUM)
 
 # Debian's Chromium for the browser tests; Playwright never downloads a browser.
 $(CHROMIUM):
@@ -40,6 +41,12 @@ $(CHP):
 control-plane:
 	@bash jupyterhub_gpushare/testing/build-control-plane.sh >/dev/null
 
+# The NVIDIA device plugin's own config parser, in a small Go program of ours
+# (tests read device plugin configs with it; cached by plugin version).
+.PHONY: plugin-config
+plugin-config:
+	@bash jupyterhub_gpushare/testing/build-plugin-config.sh >/dev/null
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -59,8 +66,8 @@ $(JH5_STAMP): pyproject.toml
 
 test-jh5: deps $(JH5_STAMP)
 	$(JH5_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_hub.py tests/test_spawner.py \
-		tests/test_queue_edges.py tests/test_pages.py tests/test_config.py \
-		tests/test_reclaim_config.py
+		tests/test_queue_edges.py tests/test_pages.py tests/test_config.py tests/test_class.py \
+		tests/test_start_timeout.py tests/test_reclaim_config.py
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html

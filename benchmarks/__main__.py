@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import class_day, handover, queue_updates, scale, spawn_cost
+from . import churn, class_day, fairness, handover, queue_updates, readme, scale, spawn_cost
 from .common import RESULTS_DIR, log
 
 BENCHMARKS = {
@@ -23,6 +23,8 @@ BENCHMARKS = {
     "scale": scale,
     "queue-updates": queue_updates,
     "spawn-cost": spawn_cost,
+    "churn": churn,
+    "fairness": fairness,
     "class-day": class_day,
 }
 
@@ -34,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results are written")
     sub = main.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     sub.add_parser("all", help="every benchmark below with its default sizes")
+    sub.add_parser("readme", help="write benchmarks/README.md from the results files")
     for name, module in BENCHMARKS.items():
         doc = module.__doc__.split("\n\n")[0]
         p = sub.add_parser(name, help=doc.split(":")[0], description=doc)
@@ -45,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.benchmark == "readme":
+        return readme.main()
     command = shlex.join(["python", "-m", "benchmarks", *argv])
     if args.benchmark in (None, "all"):
         chosen = list(BENCHMARKS)
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(chosen) - len(failed)} of {len(chosen)} benchmarks ran in "
         f"{time.monotonic() - started:.0f}s; results in {args.out}"
     )
+    if args.out == RESULTS_DIR:
+        readme.main()
     if failed:
         print(f"benchmarks that broke: {', '.join(failed)}", file=sys.stderr)
         return 1

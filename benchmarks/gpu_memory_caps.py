@@ -2,8 +2,10 @@
 """Do the per-user GPU memory caps hold when four users share one GPU?
 
 Each scenario starts four processes at once, with the environment that
-GPUShareSpawner gives a user (GPUSHARE_MEMORY_FRACTION=0.25 and the framework
-variables), the start-up folder from ``startup_files()`` first on PYTHONPATH.
+GPUShareSpawner gives a user with one slice of a GPU shared four ways (built
+with ``jupyterhub_gpushare.objects``, see ``gpu_common.py``: the fraction, the
+framework variables, ``PYTORCH_CUDA_ALLOC_CONF``), the guard's ConfigMap files
+first on PYTHONPATH.
 Every process holds ``share - 3 GiB`` of device memory and keeps doing small
 GPU work. Then, one process at a time, it tries to bring its own use to
 ``share - 0.5 GiB`` (must succeed) and to ``share + 0.5 GiB`` (must fail with its
@@ -30,7 +32,6 @@ import queue
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,7 +49,11 @@ SCENARIOS = [
     (
         "pytorch, allocator key (2.10+)",
         "torch",
-        {"PYTORCH_CUDA_ALLOC_CONF": "per_process_memory_fraction:{fraction}"},
+        {
+            "PYTORCH_CUDA_ALLOC_CONF": (
+                "expandable_segments:True,per_process_memory_fraction:{fraction}"
+            )
+        },
     ),
     # The spawner's environment as is: XLA_PYTHON_CLIENT_MEM_FRACTION only.
     ("jax, spawner env", "jax", {}),
@@ -349,19 +354,16 @@ def gpu_memory_mib() -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def spawner_env(fraction: float, replicas: int, startup: Path) -> dict[str, str]:
-    """The variables GPUShareSpawner sets for a user with one slice."""
-    return {
-        "GPUSHARE_MEMORY_FRACTION": f"{fraction:g}",
-        "GPUSHARE_GPU_SLICES": "1",
-        "GPUSHARE_GPU_REPLICAS": str(replicas),
-        # only the old name, as GPUShare.environment() (jupyterhub_gpushare/objects.py)
-        "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:g}",
-        "CUPY_GPU_MEMORY_LIMIT": f"{fraction * 100:g}%",
-        "TF_FORCE_GPU_ALLOW_GROWTH": "true",
-        # first, before whatever the image already has there
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(startup), os.environ.get("PYTHONPATH")])),
-    }
+def spawner_env(fraction: float, replicas: int, startup: Path, memory_mib: int) -> dict[str, str]:
+    """The variables GPUShareSpawner sets for a user with one slice (at ``fraction``)."""
+    import dataclasses
+
+    import gpu_common
+
+    share = gpu_common.share_for(replicas, memory_mib, startup)
+    if abs(share.fraction - fraction) > 1e-9:
+        share = dataclasses.replace(share, fraction=fraction)
+    return gpu_common.pod_environment(share)
 
 
 def run_scenario(name, framework, extra, args, startup: Path, total: int) -> dict:
@@ -374,7 +376,7 @@ def run_scenario(name, framework, extra, args, startup: Path, total: int) -> dic
         PYTHONUNBUFFERED="1", BENCH_FRACTION=str(args.fraction), BENCH_TOTAL_BYTES=str(total)
     )
     if extra is not None:
-        base.update(spawner_env(args.fraction, args.procs, startup))
+        base.update(spawner_env(args.fraction, args.procs, startup, args.memory_mib))
         for key, value in extra.items():
             if value is None:
                 base.pop(key, None)
@@ -457,13 +459,10 @@ def startup_overhead(startup: Path, fraction: float, runs: int = 25) -> dict:
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def real_torch_checks(startup: Path, fraction: float) -> dict:
+def real_torch_checks(startup: Path, fraction: float, memory_mib: int, replicas: int) -> dict:
     """The guard with the real torch, one process each: what the stand-ins in the tests assume."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSHARE_", "PYTORCH_"))}
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(startup), os.environ.get("PYTHONPATH")])),
-        GPUSHARE_MEMORY_FRACTION=f"{fraction:g}",
-    )
+    env.update(spawner_env(fraction, replicas, startup, memory_mib))
     code = (
         "import json, torch\n"
         "after_import = torch.cuda.is_initialized()\n"
@@ -473,8 +472,9 @@ def real_torch_checks(startup: Path, fraction: float) -> dict:
     )
     checks = {}
     for label, extra in (
-        ("native", {}),
+        ("native", {"PYTORCH_CUDA_ALLOC_CONF": "backend:native"}),
         ("cudaMallocAsync", {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}),
+        ("spawner default", {}),
     ):
         run = subprocess.run(
             [sys.executable, "-c", code],
@@ -621,23 +621,12 @@ def table(results: list[dict], procs: int) -> str:
     return "\n".join(lines)
 
 
-def load_guard():
-    """jupyterhub_gpushare/guard.py on its own, as a user's image would see it: the
-    package (and the hub's dependencies it imports) need not be installed here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "gpushare_guard", REPO / "jupyterhub_gpushare" / "guard.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--fraction", type=float, help="instead of the spawner's (one slice of --procs)"
+    )
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--only", nargs="*", help="scenario names (substrings) to run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -646,14 +635,22 @@ def main() -> int:
         return worker_main(args.worker)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    startup = Path(tempfile.mkdtemp(prefix="gpushare-startup-"))
-    for filename, text in load_guard().startup_files().items():
-        (startup / filename).write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_common
+
+    startup = gpu_common.startup_folder()
     info = device_info()
+    args.memory_mib = gpu_common.gpu_info()["memory_mib"]
+    if args.fraction is None:
+        args.fraction = gpu_common.share_for(args.procs, args.memory_mib, startup).fraction
     total = total_memory_bytes()
     print(f"device: {info}\ntotal (cudaMemGetInfo): {total / GiB:.2f} GiB", flush=True)
     overhead = startup_overhead(startup, args.fraction)
-    torch_checks = real_torch_checks(startup, args.fraction) if info.get("torch") else {}
+    torch_checks = (
+        real_torch_checks(startup, args.fraction, args.memory_mib, args.procs)
+        if info.get("torch")
+        else {}
+    )
     print(f"guard with the real torch: {json.dumps(torch_checks)}", flush=True)
     results = []
     for name, framework, extra in SCENARIOS:

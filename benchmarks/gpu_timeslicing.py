@@ -10,8 +10,10 @@ on one time-sliced GPU would be) this measures:
   10 ms runs a 1024^3 bf16 GEMM and synchronises, as a notebook cell would;
   p50/p99/max of that call's wall time.
 
-Every process runs as a user's server would: the guard's start-up folder first
-on PYTHONPATH and GPUSHARE_MEMORY_FRACTION = 1/8.
+Every process runs as a user's server would, with the environment and the
+guard's start-up folder that GPUShareSpawner builds for one slice of a GPU
+shared 8 ways (``gpu_common.py``; the notice switched off, it would only add a
+line per process).
 
     python3 benchmarks/gpu_timeslicing.py --out benchmarks/results
     python3 benchmarks/gpu_timeslicing.py --plot-only benchmarks/results/gpu_timeslicing.json
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def interactive_worker(ready: Path, go: Path, seconds: float) -> dict:
         "role": "interactive",
         "calls": len(latencies),
         "p50_ms": _quantile(latencies, 0.50),
+        "p95_ms": _quantile(latencies, 0.95),
         "p99_ms": _quantile(latencies, 0.99),
         "max_ms": latencies[-1],
         "mean_ms": statistics.fmean(latencies),
@@ -290,19 +292,6 @@ def plot(data: dict, path: Path) -> bool:
     return True
 
 
-def load_guard():
-    """jupyterhub_gpushare/guard.py on its own, as a user's image would see it: the
-    package (and the hub's dependencies it imports) need not be installed here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "gpushare_guard", REPO / "jupyterhub_gpushare" / "guard.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -323,15 +312,14 @@ def main() -> int:
         print(f"wrote {target}" if plot(data, target) else "matplotlib is not installed")
         return 0
 
-    startup = Path(tempfile.mkdtemp(prefix="gpushare-startup-"))
-    for filename, text in load_guard().startup_files().items():
-        (startup / filename).write_text(text)
-    env = dict(os.environ)
-    env.update(
-        PYTHONUNBUFFERED="1",
-        GPUSHARE_MEMORY_FRACTION=f"{1 / max(args.n):g}",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(startup), os.environ.get("PYTHONPATH")])),
-    )
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_common
+
+    # every process as a user's server with one slice of a GPU shared max(N) ways
+    startup = gpu_common.startup_folder()
+    memory_mib = gpu_common.gpu_info()["memory_mib"]
+    share = gpu_common.share_for(max(args.n), memory_mib, startup, notice=False)
+    env = gpu_common.process_environment(gpu_common.pod_environment(share))
     smi = subprocess.run(
         [
             "nvidia-smi",

@@ -7,11 +7,13 @@ the same node with 8 slices:
 1. 24 users press Start one after another; the first 8 get servers, each of
    the other 16 is in line (ours: in the service's queue; plain: its pod is
    Pending and the scheduler has found it unschedulable) before the next asks;
-2. then, 16 times: the holder that has run longest stops (its DELETE is the
-   start of the clock), and we time until a waiting user's server is ready in
-   the hub, and note whether that user is the one who had waited longest.
+2. then, 50 times (enough for a p95): the holder that has run longest stops
+   (its DELETE is the start of the clock), and we time until a waiting user's
+   server is ready in the hub, and note whether that user is the one who had
+   waited longest. The stopped user asks again and joins the back of the line,
+   so the line never runs dry.
 
-Between a hand-over and the next stop we pause for a random 0.5-8 s (the same
+Between a hand-over and the next stop we pause for a random 0.5-4 s (the same
 seeded sequence for both spawners): how long a back-off makes a waiting user
 wait (the scheduler's for a Pending pod, KubeSpawner's while it checks whether
 the pod runs) depends on how long ago the last try was, so evenly spaced stops
@@ -60,8 +62,9 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, default=8, help="slices of the one GPU node")
     parser.add_argument("--users", type=int, default=24, help="users asking for a server")
+    parser.add_argument("--hand-overs", type=int, default=50, help="stops timed per spawner")
     parser.add_argument("--gap-min", type=float, default=0.5, help="shortest pause between stops")
-    parser.add_argument("--gap-max", type=float, default=8.0, help="longest pause between stops")
+    parser.add_argument("--gap-max", type=float, default=4.0, help="longest pause between stops")
     parser.add_argument("--seed", type=int, default=8, help="seed of the pauses")
     parser.add_argument(
         "--timeout", type=float, default=180, help="longest wait for one hand-over, seconds"
@@ -142,17 +145,8 @@ async def _hand_overs(
                 if i < args.slices:
                     await wait_for(lambda u=user: _is_ready(api, u), 120, f"{user}'s server", 0.1)
                     holders.append(user)
-                elif plain:
-                    await wait_for(
-                        lambda u=user: _true(u in clock.unschedulable),
-                        120,
-                        f"{user}'s pod to be found unschedulable",
-                        0.05,
-                    )
                 else:
-                    await wait_for(
-                        lambda u=user: _in_line_ours(hub, token, u), 120, f"{user} in line", 0.1
-                    )
+                    await _in_line(hub, api, token, clock, plain, user)
                 arrival[user] = time.monotonic()
             log(f"{label}: {args.slices} running, {args.users - args.slices} waiting")
 
@@ -188,6 +182,14 @@ async def _hand_overs(
                 await wait_for(
                     lambda v=victim: _is_stopped(api, v), 120, f"{victim}'s server to stop"
                 )
+                # the stopped user asks again, at the back of the line
+                clock.forget(victim)
+                status = await api.start(victim)
+                if status not in (201, 202):
+                    raise RuntimeError(f"starting {victim}'s server again: HTTP {status}")
+                await _in_line(hub, api, token, clock, plain, victim)
+                arrival[victim] = time.monotonic()
+                waiting.append(victim)
                 await asyncio.sleep(gap)
             return results
         finally:
@@ -198,6 +200,20 @@ async def _hand_overs(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _in_line(hub, api: HubAPI, token, clock: PodClock, plain: bool, user: str) -> None:
+    """Until ``user`` waits: in the service's line, or (plain) with a Pending pod
+    that the scheduler has found unschedulable."""
+    if plain:
+        await wait_for(
+            lambda: _true(user in clock.unschedulable),
+            120,
+            f"{user}'s pod to be found unschedulable",
+            0.05,
+        )
+    else:
+        await wait_for(lambda: _in_line_ours(hub, token, user), 120, f"{user} in line", 0.1)
 
 
 async def _is_ready(api: HubAPI, user: str) -> bool:
@@ -215,7 +231,7 @@ async def _newly_ready(api: HubAPI, waiting: tuple[str, ...]) -> str | None:
 
 async def _measure(cluster: LocalCluster, args: argparse.Namespace, report: Report) -> None:
     rng = random.Random(args.seed)
-    gaps = [rng.uniform(args.gap_min, args.gap_max) for _ in range(args.users - args.slices)]
+    gaps = [rng.uniform(args.gap_min, args.gap_max) for _ in range(args.hand_overs)]
     async with core_api(cluster) as core:
         await create_gpu_node(core, "gpu-0", gpus=1, replicas=args.slices)
         results = {}
@@ -233,10 +249,11 @@ def _report(report: Report, results: dict[str, list[HandOver]]) -> None:
     def pod_level(r: list[HandOver], attribute: str) -> list[float]:
         return [getattr(h, attribute) for h in r if getattr(h, attribute) is not None]
 
+    n = f"n = {len(ours)} / {len(plain)}"
     for q in (50, 95):
         report.compare(
             f"handover_seconds_p{q}",
-            f"stop to next server ready, p{q}",
+            f"stop to next server ready, p{q} ({n})",
             percentile(seconds(ours), q),
             percentile(seconds(plain), q),
             "s",
@@ -258,7 +275,7 @@ def _report(report: Report, results: dict[str, list[HandOver]]) -> None:
     for q in (50, 95):
         report.compare(
             f"pod_gone_to_next_bound_p{q}",
-            f"stopped pod gone to next pod bound, p{q}",
+            f"stopped pod gone to next pod bound, p{q} ({n})",
             percentile(pod_level(ours, "gone_to_bound"), q),
             percentile(pod_level(plain, "gone_to_bound"), q),
             "s",
@@ -266,7 +283,7 @@ def _report(report: Report, results: dict[str, list[HandOver]]) -> None:
     for q in (50, 95):
         report.compare(
             f"pod_ready_to_hub_ready_p{q}",
-            f"next pod Ready to hub says ready, p{q}",
+            f"next pod Ready to hub says ready, p{q} ({n})",
             percentile(pod_level(ours, "ready_to_hub"), q),
             percentile(pod_level(plain, "ready_to_hub"), q),
             "s",

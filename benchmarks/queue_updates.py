@@ -73,7 +73,21 @@ c.GPUShareSpawner.memory_guard = False
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--waiting", type=int, default=200, help="users waiting in line")
+    parser.add_argument(
+        "--compare-waiting",
+        type=int,
+        default=60,
+        help="users waiting on both sides for the cost comparison: fewer than z2jh's "
+        "concurrent_spawn_limit of 64, so that plain KubeSpawner can have them all pending",
+    )
     parser.add_argument("--releases", type=int, default=10, help="slices freed one at a time")
+    parser.add_argument(
+        "--steady-from",
+        type=int,
+        default=3,
+        help="the first release of the steady phase whose costs are compared (plain "
+        "KubeSpawner's first releases carry a one-off burst of scheduling events)",
+    )
     parser.add_argument(
         "--hub-streams",
         type=int,
@@ -89,10 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Report:
     report = Report(
         NAME,
-        f"Queue updates: {args.waiting} users waiting, {args.releases} releases",
+        f"Queue updates: {args.waiting} users waiting, {args.releases} releases; "
+        f"costs compared at {args.compare_waiting} waiting",
         {
             "waiting": args.waiting,
+            "compare_waiting": args.compare_waiting,
             "releases": args.releases,
+            "steady_from": args.steady_from,
             "hub_streams": args.hub_streams or args.waiting,
             "pause_s": args.pause,
         },
@@ -290,10 +307,18 @@ async def _queue(hub, token: str) -> list[dict]:
 
 
 async def _one_spawner(
-    cluster: LocalCluster, core, args: argparse.Namespace, plain: bool
+    cluster: LocalCluster,
+    core,
+    args: argparse.Namespace,
+    plain: bool,
+    waiting: int,
+    suffix: str,
+    benchmark_followers: bool,
 ) -> tuple[list[Release], dict]:
-    label = PLAIN if plain else OURS
-    suffix = "plain" if plain else "ours"
+    """One hub, ``waiting`` users in line, ``args.releases`` releases. With
+    ``benchmark_followers`` the first half of the releases also has the
+    benchmark's own follower of every ticket on the service."""
+    label = f"{PLAIN if plain else OURS} ({waiting} waiting)"
     namespace = await create_namespace(core, f"queue-{suffix}")
     node = f"gpu-{suffix}"
     blockers = await _setup(core, namespace, node, args.releases)
@@ -302,34 +327,31 @@ async def _one_spawner(
     log(f"{label}: starting the hub")
     async with running_hub(cluster, namespace, plain=plain, extra=extra) as hub:
         api = HubAPI(hub, timeout=120)
-        users = [f"q{i:03d}" for i in range(args.waiting)]
+        users = [f"q{i:03d}" for i in range(waiting)]
         followers = Followers()
         connector = aiohttp.TCPConnector(limit=0)
         session = aiohttp.ClientSession(connector=connector)
         try:
             await api.create_users(users)
             token = None if plain else await api.admin_token()
-            log(f"{label}: {args.waiting} users ask for a server")
+            log(f"{label}: {waiting} users ask for a server")
             for user in users:
                 status = await api.start(user)
                 if status not in (201, 202):
                     raise RuntimeError(f"starting {user}'s server: HTTP {status}")
             if plain:
                 await wait_for(
-                    lambda: _pending_pods(core, namespace, args.waiting),
+                    lambda: _pending_pods(core, namespace, waiting),
                     600,
-                    f"{args.waiting} Pending pods",
+                    f"{waiting} Pending pods",
                     1,
                 )
             else:
                 await wait_for(
-                    lambda: _full_line(hub, token, args.waiting),
-                    600,
-                    f"{args.waiting} users in line",
-                    1,
+                    lambda: _full_line(hub, token, waiting), 600, f"{waiting} users in line", 1
                 )
-            log(f"{label}: {args.waiting} waiting; opening their streams")
-            hub_users = users[: args.hub_streams or args.waiting]
+            log(f"{label}: {waiting} waiting; opening their streams")
+            hub_users = users[: args.hub_streams or waiting]
             for user in hub_users:
                 followers.add(
                     "hub",
@@ -339,7 +361,7 @@ async def _one_spawner(
                     user,
                     parse_hub,
                 )
-            if not plain:
+            if benchmark_followers:
                 for entry in await _queue(hub, token):
                     followers.add(
                         "service",
@@ -354,11 +376,20 @@ async def _one_spawner(
             processes = Processes(cluster, hub)
             idle = await _idle_rates(processes, 10)
             releases = []
+            steady: dict = {}
             for n, name in enumerate(blockers):
-                with_service = not plain and n < (args.releases + 1) // 2
-                if not plain and not with_service and followers.tasks["service"]:
+                with_service = benchmark_followers and n < (args.releases + 1) // 2
+                if not with_service and followers.tasks["service"]:
                     await followers.close("service")
                     await asyncio.sleep(1)
+                if n + 1 == args.steady_from:
+                    # costs of the steady phase: process times over the whole phase,
+                    # not summed per release from 10 ms ticks
+                    steady = {
+                        "cpu": processes.cpu(),
+                        "time": time.monotonic(),
+                        "requests": api_requests(cluster),
+                    }
                 release = await _release(
                     cluster, core, api, namespace, name, followers, processes, n, with_service
                 )
@@ -372,11 +403,26 @@ async def _one_spawner(
                     )
                 )
                 await asyncio.sleep(args.pause)
+            if steady:
+                cpu = processes.cpu()
+                seconds = time.monotonic() - steady["time"]
+                count = len(releases) - args.steady_from + 1
+                steady = {
+                    "releases": count,
+                    "seconds": seconds,
+                    "cpu_per_release": {
+                        k: (cpu[k] - steady["cpu"][k] - idle[k] * seconds) / count for k in cpu
+                    },
+                    "requests_per_release": sum(
+                        request_delta(steady["requests"], api_requests(cluster)).values()
+                    )
+                    / count,
+                }
             failed = {
                 kind: sum(1 for s in streams.values() if s.failed)
                 for kind, streams in followers.streams.items()
             }
-            return releases, {"idle": idle, "failed_streams": failed}
+            return releases, {"idle": idle, "failed_streams": failed, "steady": steady}
         finally:
             await followers.close_all()
             await session.close()
@@ -460,158 +506,141 @@ async def _release(
 async def _measure(cluster: LocalCluster, args: argparse.Namespace, report: Report) -> None:
     results: dict[str, tuple[list[Release], dict]] = {}
     async with core_api(cluster) as core:
-        results[OURS] = await _one_spawner(cluster, core, args, plain=False)
+        results["scale"] = await _one_spawner(
+            cluster, core, args, False, args.waiting, "scale", benchmark_followers=True
+        )
+        results[OURS] = await _one_spawner(
+            cluster, core, args, False, args.compare_waiting, "ours", benchmark_followers=False
+        )
         if not args.no_plain:
-            results[PLAIN] = await _one_spawner(cluster, core, args, plain=True)
+            results[PLAIN] = await _one_spawner(
+                cluster, core, args, True, args.compare_waiting, "plain", benchmark_followers=False
+            )
     _report(report, args, results)
 
 
+def _delays(releases: list[Release], kind: str) -> list[float]:
+    return [d for r in releases for d in r.delays.get(kind, [])]
+
+
+def _per_release_max(releases: list[Release], kind: str) -> list[float]:
+    return [max(r.delays[kind]) for r in releases if r.delays.get(kind)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _report(report: Report, args: argparse.Namespace, results) -> None:
-    ours, ours_meta = results[OURS]
-    plain, plain_meta = results.get(PLAIN, ([], {}))
-
-    def delays(releases: list[Release], kind: str) -> list[float]:
-        return [d for r in releases for d in r.delays.get(kind, [])]
-
-    def per_release_max(releases: list[Release], kind: str) -> list[float]:
-        return [max(r.delays[kind]) for r in releases if r.delays.get(kind)]
-
-    for kind, label in (("service", "service event stream"), ("hub", "hub progress stream")):
-        values = delays(ours, kind)
+    scale, scale_meta = results["scale"]
+    streams = (("service", "service event stream"), ("hub", "hub progress stream"))
+    for kind, label in streams:
+        values = _delays(scale, kind)
         if not values:
             continue
-        for q in (50, 95):
+        n = f"n = {len(values)}"
+        for q in (50, 95, 99):
             report.single(
                 f"position_delay_{kind}_p{q}",
-                f"new place shown, {label}, p{q}",
+                f"{args.waiting} waiting: new place shown, {label}, p{q} ({n})",
                 percentile(values, q),
                 "s",
             )
         report.single(
             f"position_delay_{kind}_max",
-            f"new place shown, {label}, max",
+            f"{args.waiting} waiting: new place shown, {label}, max ({n})",
             max(values),
             "s",
         )
         report.single(
-            f"position_delay_{kind}_all_p50",
-            f"every user updated ({label}), median release",
-            percentile(per_release_max(ours, kind), 50),
-            "s",
-        )
-        report.single(
             f"position_updates_missing_{kind}",
-            f"expected updates never shown ({label})",
-            sum(r.missing.get(kind, 0) for r in ours),
+            f"{args.waiting} waiting: expected updates never shown ({label})",
+            sum(r.missing.get(kind, 0) for r in scale),
             "updates",
         )
-
-    def mean(values: list[float]) -> float | None:
-        return sum(values) / len(values) if values else None
+    steady_scale = [r for r in scale if not r.with_service_followers]
+    doubled = [r for r in scale if r.with_service_followers]
 
     def above_idle(releases: list[Release], meta: dict, process: str) -> list[float]:
         rate = meta.get("idle", {}).get(process, 0.0)
         return [getattr(r, f"{process}_cpu") - rate * r.window for r in releases]
 
-    production = [r for r in ours if not r.with_service_followers]
-    doubled = [r for r in ours if r.with_service_followers]
     report.single(
-        "service_cpu_per_release",
-        "service CPU per release (hub's followers only)",
-        mean(above_idle(production, ours_meta, "service")),
+        "service_cpu_per_release_at_scale",
+        f"{args.waiting} waiting: service CPU per release, hub's followers only "
+        f"(n = {len(steady_scale)} releases)",
+        _mean(above_idle(steady_scale, scale_meta, "service")),
         "CPU s",
     )
     report.single(
         "service_cpu_per_release_with_benchmark_followers",
-        f"service CPU per release (+ our {args.waiting} followers)",
-        mean(above_idle(doubled, ours_meta, "service")),
+        f"{args.waiting} waiting: service CPU per release, + the benchmark's {args.waiting} "
+        f"followers (n = {len(doubled)} releases)",
+        _mean(above_idle(doubled, scale_meta, "service")),
         "CPU s",
     )
+
+    ours, ours_meta = results[OURS]
+    plain, plain_meta = results.get(PLAIN, ([], {}))
     if plain:
-        ours_total = [
-            s + h
-            for s, h in zip(
-                above_idle(production, ours_meta, "service"),
-                above_idle(production, ours_meta, "hub"),
-                strict=True,
-            )
-        ]
-        plain_total = [
-            s + h
-            for s, h in zip(
-                above_idle(plain, plain_meta, "scheduler"),
-                above_idle(plain, plain_meta, "hub"),
-                strict=True,
-            )
-        ]
-        report.compare(
-            "hub_cpu_per_release",
-            "hub CPU per release",
-            mean(above_idle(production, ours_meta, "hub")),
-            mean(above_idle(plain, plain_meta, "hub")),
-            "CPU s",
+        steady_ours, steady_plain = ours_meta["steady"], plain_meta["steady"]
+        phase = (
+            f"{args.compare_waiting} waiting, releases {args.steady_from}-{args.releases} "
+            f"(n = {steady_ours['releases']} / {steady_plain['releases']})"
         )
-        report.compare(
-            "scheduler_cpu_per_release",
-            "kube-scheduler CPU per release",
-            mean(above_idle(production, ours_meta, "scheduler")),
-            mean(above_idle(plain, plain_meta, "scheduler")),
-            "CPU s",
-        )
+        for process, label in (("hub", "hub"), ("scheduler", "kube-scheduler")):
+            report.compare(
+                f"{process}_cpu_per_release",
+                f"{label} CPU per release, {phase}",
+                steady_ours["cpu_per_release"][process],
+                steady_plain["cpu_per_release"][process],
+                "CPU s",
+            )
+        ours_total = sum(steady_ours["cpu_per_release"].values())
+        plain_total = sum(v for k, v in steady_plain["cpu_per_release"].items() if k != "service")
         report.compare(
             "cpu_per_release",
-            "hub + service + scheduler CPU per release",
-            mean(
-                [
-                    t + s
-                    for t, s in zip(
-                        ours_total, above_idle(production, ours_meta, "scheduler"), strict=True
-                    )
-                ]
-            ),
-            mean(plain_total),
+            f"hub + service + scheduler CPU per release, {phase}",
+            ours_total,
+            plain_total,
             "CPU s",
         )
         report.compare(
             "api_requests_per_release",
-            "API-server requests per release",
-            mean([r.requests for r in production]),
-            mean([r.requests for r in plain]),
+            f"API-server requests per release, {phase}",
+            steady_ours["requests_per_release"],
+            steady_plain["requests_per_release"],
             "requests",
         )
+        first = args.steady_from - 1
         report.compare(
             "progress_events_per_user_per_release",
-            "progress events per waiting user per release",
-            mean([r.events_per_user for r in production if r.events_per_user is not None]),
-            mean([r.events_per_user for r in plain if r.events_per_user is not None]),
+            f"progress events per waiting user per release, {phase}",
+            _mean([r.events_per_user for r in ours[first:] if r.events_per_user is not None]),
+            _mean([r.events_per_user for r in plain[first:] if r.events_per_user is not None]),
             "events",
         )
-        report.compare(
-            "position_shown",
-            "waiting users are shown their place",
-            "yes",
-            "no",
-            "",
-        )
+        report.compare("position_shown", "waiting users are shown their place", "yes", "no", "")
 
     rows = []
-    for spawner, r in [(OURS, r) for r in ours] + [(PLAIN, r) for r in plain]:
-        rows.append(
-            [
-                f"{spawner} #{r.number}" + (" +followers" if r.with_service_followers else ""),
-                max(r.delays["service"]) if r.delays.get("service") else None,
-                max(r.delays["hub"]) if r.delays.get("hub") else None,
-                r.missing.get("hub", 0) + r.missing.get("service", 0),
-                r.window,
-                r.service_cpu if spawner == OURS else None,
-                r.hub_cpu,
-                r.scheduler_cpu,
-                r.requests,
-            ]
-        )
+    for label, (releases, _) in results.items():
+        for r in releases:
+            rows.append(
+                [
+                    f"{label} #{r.number}" + (" +followers" if r.with_service_followers else ""),
+                    max(r.delays["service"]) if r.delays.get("service") else None,
+                    max(r.delays["hub"]) if r.delays.get("hub") else None,
+                    r.missing.get("hub", 0) + r.missing.get("service", 0),
+                    r.window,
+                    r.service_cpu if label != PLAIN else None,
+                    r.hub_cpu,
+                    r.scheduler_cpu,
+                    r.requests,
+                ]
+            )
     report.table(
         "Each release (delays: until every waiting user's stream showed its new place; "
-        "CPU: raw, idle not taken off)",
+        "CPU: raw, from 10 ms ticks, idle not taken off)",
         [
             "release",
             "service max s",
@@ -626,17 +655,12 @@ def _report(report: Report, args: argparse.Namespace, results) -> None:
         rows,
     )
     idle_rows = [
-        [
-            label,
-            meta["idle"].get("service") if label == OURS else None,
-            meta["idle"]["hub"],
-            meta["idle"]["scheduler"],
-        ]
+        [label, meta["idle"].get("service"), meta["idle"]["hub"], meta["idle"]["scheduler"]]
         for label, (_, meta) in results.items()
     ]
     report.table(
-        "Idle CPU (CPU s per s, all streams open, nothing released); taken off per release",
-        ["spawner", "service", "hub", "scheduler"],
+        "Idle CPU (CPU s per s, all streams open, nothing released); taken off the steady phase",
+        ["run", "service", "hub", "scheduler"],
         idle_rows,
     )
     report.details["releases"] = {
@@ -657,6 +681,7 @@ def _report(report: Report, args: argparse.Namespace, results) -> None:
         ]
         for label, (releases, _) in results.items()
     }
+    report.details["steady"] = {label: meta["steady"] for label, (_, meta) in results.items()}
     report.details["idle_cpu_per_s"] = {label: meta["idle"] for label, (_, meta) in results.items()}
     report.details["failed_streams"] = {
         label: meta["failed_streams"] for label, (_, meta) in results.items()
@@ -666,16 +691,13 @@ def _report(report: Report, args: argparse.Namespace, results) -> None:
         "request until each stream showed the user's new place (the head: its admission)"
     )
     report.note(
-        "CPU per release runs from the deletion until the admitted user's server was ready "
-        "plus 1 s, less each process's idle rate over that window"
-    )
-    report.note(
-        f"service CPU per release is given for releases without the benchmark's own "
-        f"{args.waiting} followers of the service (as in production) and with them"
+        f"costs are compared at {args.compare_waiting} waiting, below z2jh's "
+        "concurrent_spawn_limit of 64 (beyond it plain KubeSpawner refuses users with 429), "
+        f"over the same releases {args.steady_from}-{args.releases} on both sides, with CPU "
+        "from the processes' times over that whole phase less their idle rate"
     )
     report.note(
         "plain KubeSpawner shows no place in line: its progress streams carry the pod's "
-        "Kubernetes events; its 'release' costs are the scheduler retrying the Pending pods "
-        "(on the first releases it writes an event for each of them, later far fewer: see "
-        "the API req column)"
+        "Kubernetes events; its first releases carry a one-off burst of scheduling events "
+        "(see the per-release table), left out of the comparison"
     )

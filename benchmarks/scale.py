@@ -56,7 +56,7 @@ from .common import (
 )
 
 NAME = "scale"
-NAIVE = "naive (list per answer)"
+NAIVE = "same arithmetic, listing per answer (no caches)"
 CAPACITY_PATH = "/services/gpushare/api/capacity"
 RESOURCE = "nvidia.com/gpu"
 
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> Report:
         },
         other=NAIVE,
         other_key="naive",
+        ours="our service (watch caches)",
     )
     with local_cluster("scale") as cluster:
         asyncio.run(_measure(cluster, args, report))
@@ -446,15 +447,16 @@ def _report(report, args, cold, same, steady: Load, restarts, rss_peak, idle: fl
     def requests_per_answer(load: Load) -> float | None:
         return load.per_answer(sum(load.requests.values()))
 
+    n = f"n = {len(steady.latencies)}"
     report.single(
         "capacity_latency_p50",
-        f"capacity answer latency p50 at {args.rate:g}/s",
+        f"capacity answer latency p50 at {args.rate:g}/s ({n})",
         percentile(steady.latencies, 50),
         "s",
     )
     report.single(
         "capacity_latency_p99",
-        f"capacity answer latency p99 at {args.rate:g}/s",
+        f"capacity answer latency p99 at {args.rate:g}/s ({n})",
         percentile(steady.latencies, 99),
         "s",
     )
@@ -477,10 +479,11 @@ def _report(report, args, cold, same, steady: Load, restarts, rss_peak, idle: fl
         "CPU s",
     )
     rate = f"both at {args.naive_rate:g}/s"
+    n = f"n = {len(a.latencies)} / {len(b.latencies)}"
     for q in (50, 99):
         report.compare(
             f"same_load_latency_p{q}",
-            f"latency p{q}, {rate}",
+            f"latency p{q}, {rate} ({n})",
             percentile(a.latencies, q),
             percentile(b.latencies, q),
             "s",

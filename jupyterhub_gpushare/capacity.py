@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .objects import COUNT_LABEL, MEMORY_LABEL, PRODUCT_LABEL, REPLICAS_LABEL, STRATEGY_LABEL
 
@@ -54,8 +55,9 @@ class PoolSpec:
     def from_selector(cls, resource: str, selector: Mapping[str, str] | None) -> PoolSpec:
         return cls(resource, tuple(sorted((selector or {}).items())))
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """The pool's name: resource and selector as one string (read very often)."""
         labels = ",".join(f"{k}={v}" for k, v in self.selector)
         return f"{self.resource}|{labels}" if labels else self.resource
 
@@ -182,6 +184,7 @@ def pool_totals(spec: PoolSpec, capacities: Mapping[str, NodeCapacity], waiting:
         "resource": spec.resource,
         "selector": dict(spec.selector),
         "products": sorted({n.product for n in nodes}),
+        "sharing": sorted({n.strategy for n in nodes}),
         "nodes": len(nodes),
         "slices_total": sum(n.total for n in nodes),
         "slices_used": sum(min(n.used, n.total) for n in nodes),

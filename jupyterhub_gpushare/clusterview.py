@@ -29,7 +29,7 @@ from .capacity import (
     pod_slices,
     quantity,
 )
-from .objects import PRODUCT_LABEL
+from .objects import PRODUCT_LABEL, STRATEGY_LABEL
 
 NodeKey = tuple[str, str]  # (resource, node name)
 
@@ -62,6 +62,7 @@ class PoolTotals:
     booked: int = 0  # of those free slices, promised to admitted spawns
     nodes: int = 0
     products: Counter = field(default_factory=Counter)
+    sharing: Counter = field(default_factory=Counter)  # nodes per sharing strategy
 
     @property
     def available(self) -> int:
@@ -75,6 +76,7 @@ class PoolTotals:
             "resource": spec.resource,
             "selector": dict(spec.selector),
             "products": sorted(p for p, n in self.products.items() if n > 0),
+            "sharing": sorted(s for s, n in self.sharing.items() if n > 0),
             "nodes": self.nodes,
             "slices_total": self.total,
             "slices_used": self.used,
@@ -108,6 +110,7 @@ class ClusterView:
         self.changed_pools: set[str] = set()
         self.bound_tickets: set[str] = set()
         self.released: list[tuple[NodeKey, int]] = []
+        self.hub_pods_changed = False
         for resource in self.resources:
             self.add_pool(PoolSpec(resource))
 
@@ -136,7 +139,9 @@ class ClusterView:
         totals.free += sign * free
         totals.booked += sign * booked
         totals.nodes += sign
-        totals.products[self.nodes[name].labels.get(PRODUCT_LABEL, "unknown GPU")] += sign
+        labels = self.nodes[name].labels
+        totals.products[labels.get(PRODUCT_LABEL, "unknown GPU")] += sign
+        totals.sharing[labels.get(STRATEGY_LABEL, "none")] += sign
         self.changed_pools.add(pool_key)
 
     def pools_of(self, node: str) -> set[str]:
@@ -239,18 +244,27 @@ class ClusterView:
     # -- pods -----------------------------------------------------------------------------
     def apply_pod(self, key: str, pod: Mapping | None) -> None:
         """A GPU pod was added, changed or deleted (``pod`` None: it is gone)."""
-        old = self.pods.pop(key, None)
-        if old is not None:
-            self._unhold(key, old)
         new = self._pod_state(pod) if pod is not None and holds_slices(pod) else None
+        if new is not None and not new.slices:
+            new = None
         if new is not None and new.ticket:
             self.bound_tickets.add(new.ticket)
+        old = self.pods.get(key)
+        if old is not None and new == old:
+            # most pod updates change nothing that counts here (status details)
+            for resource in new.slices:
+                self.holders[(resource, new.node)][key] = pod
+            return
+        if (old is not None and old.user is not None) or (new is not None and new.user):
+            self.hub_pods_changed = True
         if old is not None:
+            del self.pods[key]
+            self._unhold(key, old)
             for resource, count in old.slices.items():
                 kept = new.slices.get(resource, 0) if new and new.node == old.node else 0
                 if count > kept:
                     self.released.append(((resource, old.node), count - kept))
-        if new is None or not new.slices:
+        if new is None:
             return
         self.pods[key] = new
         if new.user is not None:
@@ -374,8 +388,11 @@ class ClusterView:
 
     def take_changes(self) -> Changes:
         """What changed since the last call, for the dispatcher to act on."""
-        changes = Changes(self.freed, self.changed_pools, self.bound_tickets, self.released)
+        changes = Changes(
+            self.freed, self.changed_pools, self.bound_tickets, self.released, self.hub_pods_changed
+        )
         self.freed, self.changed_pools, self.bound_tickets, self.released = set(), set(), set(), []
+        self.hub_pods_changed = False
         return changes
 
 
@@ -385,3 +402,4 @@ class Changes:
     pools: set[str]  # pools whose totals changed
     bound_tickets: set[str]  # admitted spawns whose pods are now bound
     released: list[tuple[NodeKey, int]]  # slices pods gave back
+    hub_pods: bool = False  # a pod of a hub user came, went or changed

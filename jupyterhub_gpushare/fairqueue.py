@@ -132,16 +132,20 @@ class ReleaseClock:
     """Recent times at which slices were freed, for a rough wait estimate."""
 
     times: deque = field(default_factory=lambda: deque(maxlen=20))
+    _rate: float | None = None
+    _known: bool = False
 
     def record(self, when: float, slices: int = 1) -> None:
         for _ in range(max(slices, 1)):
             self.times.append(when)
+        self._known = False
 
     def seconds_per_slice(self) -> float | None:
-        if len(self.times) < 3:
-            return None
-        gaps = [b - a for a, b in itertools.pairwise(self.times)]
-        return statistics.fmean(gaps) if gaps else None
+        if not self._known:
+            gaps = [b - a for a, b in itertools.pairwise(self.times)]
+            self._rate = statistics.fmean(gaps) if len(self.times) >= 3 else None
+            self._known = True
+        return self._rate
 
 
 @dataclass
@@ -182,15 +186,19 @@ class FairQueue:
         self.limits = limits or UserLimits()
         self.releases: dict[str, ReleaseClock] = {}
         self._line: list[Ticket] | None = None
+        self._held: list[Ticket] | None = None
         self._places: dict[str, Place] | None = None
         self._places_version = -1
         self._overlap: dict[tuple[str, str], bool] = {}
         self._overlap_version = -1
         self._reasons: dict[str, str] = {}
+        self.needs_admission = True  # the line changed since the last admission pass
 
     def _changed(self) -> None:
         self._line = None
+        self._held = None
         self._places = None
+        self.needs_admission = True
 
     # -- membership ------------------------------------------------------------------
     def join(self, request: TicketRequest, now: float) -> Ticket:
@@ -276,7 +284,11 @@ class FairQueue:
         ticket = self.tickets.pop(ticket_id, None)
         if ticket is not None:
             self._unbook(ticket)
-            self._changed()
+            self._held = None
+            if ticket.state == WAITING:
+                self._changed()
+            else:  # nobody's place changes; a released booking may let someone in
+                self.needs_admission = True
         return ticket
 
     def hold(self, ticket_id: str, now: float) -> Ticket | None:
@@ -304,7 +316,9 @@ class FairQueue:
         return [t for t in self.tickets.values() if t.state == ADMITTED]
 
     def held(self) -> list[Ticket]:
-        return [t for t in self.tickets.values() if t.state == HELD]
+        if self._held is None:
+            self._held = [t for t in self.tickets.values() if t.state == HELD]
+        return self._held
 
     # -- bookings ----------------------------------------------------------------------
     def _book(self, ticket: Ticket, node: str, now: float) -> None:
@@ -370,12 +384,20 @@ class FairQueue:
         # pools whose nodes an earlier spawn waits for, and why that one waits
         blocked: dict[str, str | None] = {}
         reasons: dict[str, str] = {}
+        room: dict[tuple[str, int], bool] = {}  # (pool, slices): a node has room, blocks aside
+
+        def has_room(ticket: Ticket) -> bool:
+            key = (ticket.pool.key, ticket.slices)
+            if key not in room:
+                room[key] = self._best_node(ticket, set()) is not None
+            return room[key]
+
         for ticket in self.waiting():
             key = ticket.pool.key
             if key in blocked or not ticket.confirmed:
                 if key not in blocked:
                     blocked[key] = RECONNECTING
-                elif self._best_node(ticket, set()) is not None:
+                elif has_room(ticket):
                     # there is room for this one, but an earlier spawn comes first
                     reasons[ticket.id] = blocked[key] or OTHER_LINE_FIRST
                 continue
@@ -393,6 +415,7 @@ class FairQueue:
         if admitted or reasons != self._reasons:
             self._reasons = reasons
             self._changed()
+        self.needs_admission = False
         return admitted
 
     def _why_waiting(self, ticket: Ticket) -> str | None:
@@ -425,9 +448,10 @@ class FairQueue:
         keys = sorted({t.pool.key for t in line})
         specs = {t.pool.key: t.pool for t in line}
         rivals = {k: [q for q in keys if self._overlaps(specs[k], specs[q])] for k in keys}
-        totals = {k: 0 for k in keys}
+        totals = dict.fromkeys(keys, 0)
         for ticket in line:
             totals[ticket.pool.key] += 1
+        line_length = {k: sum(totals[q] for q in rivals[k]) for k in keys}
         seen = dict.fromkeys(keys, 0)
         slices_seen = dict.fromkeys(keys, 0)
         multi_seen = dict.fromkeys(keys, False)
@@ -435,9 +459,12 @@ class FairQueue:
         places = {}
         for ticket in line:
             key = ticket.pool.key
+            others = rivals[key]
+            # usually a pool competes with itself only
+            ahead = seen[key] if len(others) == 1 else sum(seen[q] for q in others)
             places[ticket.id] = Place(
-                position=sum(seen[q] for q in rivals[key]) + 1,
-                waiting=sum(totals[q] for q in rivals[key]),
+                position=ahead + 1,
+                waiting=line_length[key],
                 reason=self._reasons.get(ticket.id),
                 slices_ahead=slices_seen[key],
                 rival_slices_ahead=sum(slices_seen[q] for q in rivals[key]),
@@ -482,9 +509,9 @@ class FairQueue:
         for key in pool_keys:
             self.releases.setdefault(key, ReleaseClock()).record(when, slices)
 
-    def estimated_wait(self, ticket_id: str) -> float | None:
+    def estimated_wait(self, ticket_id: str, place: Place | None = None) -> float | None:
         ticket = self.tickets[ticket_id]
-        place = self.places().get(ticket_id)
+        place = place or self.places().get(ticket_id)
         clock = self.releases.get(ticket.pool.key)
         rate = clock.seconds_per_slice() if clock else None
         if place is None or rate is None:

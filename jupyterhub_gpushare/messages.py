@@ -13,6 +13,10 @@ from __future__ import annotations
 import math
 import time
 from html import escape
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .objects import GPUShare
 
 from .tickets import TicketStatus
 
@@ -118,3 +122,26 @@ def queue_message(status: TicketStatus, now: float | None = None) -> dict:
         "</span></div>"
     )
     return {"message": text, "html_message": html}
+
+
+def share_message(share: GPUShare) -> str:
+    """What a GPU server gets, for the spawn page: slices, memory, and what kind of cap."""
+    if share.replicas <= 1:
+        return "Your server gets a whole GPU."
+    slices = f"{share.slices} of the {share.replicas} slices of a GPU"
+    memory_mib = share.memory_mib
+    if memory_mib:
+        memory = f"{memory_mib / 1024:.1f} GiB of its memory"
+    else:
+        memory = f"{share.fraction:.0%} of its memory"
+    if share.hard_cap:
+        cap = (
+            "a hard cap: with MPS the GPU itself holds every process to it, "
+            f"and to 1/{share.replicas} of the GPU's compute"
+        )
+    else:
+        cap = (
+            "a cooperative cap: PyTorch, JAX, CuPy and TensorFlow keep to it, and "
+            "while the others are idle your work gets the whole GPU's compute"
+        )
+    return f"Your server gets {slices} and {memory} ({cap})."

@@ -25,12 +25,21 @@ from kubernetes_asyncio.client import (
     V1VolumeMount,
 )
 
-# Labels NVIDIA GPU Feature Discovery puts on GPU nodes.
+# Labels NVIDIA GPU Feature Discovery puts on GPU nodes. Whole GPUs (shared
+# under the name nvidia.com/gpu.shared too) are labelled under nvidia.com/gpu;
+# MIG devices of the mixed strategy under their own resource name
+# (nvidia.com/mig-1g.10gb.replicas, ...): see label_prefix().
 REPLICAS_LABEL = "nvidia.com/gpu.replicas"
 MEMORY_LABEL = "nvidia.com/gpu.memory"
 PRODUCT_LABEL = "nvidia.com/gpu.product"
 COUNT_LABEL = "nvidia.com/gpu.count"
 STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
+# Values of the sharing-strategy label.
+MPS = "mps"
+TIME_SLICING = "time-slicing"
+UNSHARED = "none"
+# Nodes that disagree about how they share.
+MIXED = "mixed"
 
 # nvidia.com/gpu, nvidia.com/gpu.shared (renamed shared GPUs) and MIG devices
 # such as nvidia.com/mig-1g.10gb (which can be time-sliced too).
@@ -38,6 +47,15 @@ RESOURCE_NAME_PATTERN = re.compile(r"^nvidia\.com/(gpu|mig-\d+g\.\d+gb)(\.shared
 
 # Variables that carry the share; anything the admin sets in `environment` wins.
 FRACTION_ENV = "GPUSHARE_MEMORY_FRACTION"
+# The spawner's defaults, here so that the GPU benchmarks build exactly what it builds.
+DEFAULT_HEADROOM_MIB = 768
+DEFAULT_PYTORCH_ALLOC_CONF = "expandable_segments:True"
+DEFAULT_GUARD_CONFIGMAP = "gpushare-memory-guard"
+DEFAULT_STARTUP_PATH = "/opt/gpushare/startup"
+
+# Keeps CPU-only servers off the GPUs of the node they run on: CUDA images set
+# NVIDIA_VISIBLE_DEVICES=all, which the NVIDIA container toolkit honours by default.
+NO_GPU_ENV = {"NVIDIA_VISIBLE_DEVICES": "void"}
 
 
 class GPUShareConfigError(ValueError):
@@ -113,23 +131,44 @@ def parse_alloc_conf(conf: str) -> dict[str, str]:
     return options
 
 
-def pytorch_alloc_conf(admin_conf: str, fraction: float, allocator_fraction: bool) -> str:
+def pytorch_alloc_conf(
+    admin_conf: str, fraction: float, allocator_fraction: bool, memory_guard: bool = True
+) -> str:
     """The admin's PyTorch allocator options, plus the fraction where it is safe.
 
     ``per_process_memory_fraction`` is only known to PyTorch 2.10 and newer; older
     versions fail every CUDA call on an unknown key, so the key is added only when
-    the admin says the image's PyTorch knows it. Otherwise the guard applies the
-    fraction at CUDA initialisation.
+    the admin says the image's PyTorch knows it. The memory guard applies the
+    fraction in any case, by a call that holds under every allocator backend.
+
+    Without the guard, the allocator option is all that caps PyTorch, and
+    ``backend:cudaMallocAsync`` does not enforce it (measured,
+    ``benchmarks/gpu_memory_guard.py``): that combination is refused.
     """
     options = parse_alloc_conf(admin_conf)
-    if options.get("backend") == "cudaMallocAsync":
+    if options.get("backend") == "cudaMallocAsync" and not memory_guard:
         raise GPUShareConfigError(
-            "pytorch_cuda_alloc_conf sets backend:cudaMallocAsync, which ignores the "
-            "per-process memory fraction: remove it so users keep to their share"
+            "pytorch_cuda_alloc_conf sets backend:cudaMallocAsync while memory_guard is off: "
+            "that allocator ignores the per_process_memory_fraction option, so nothing would "
+            "keep PyTorch to its share. Turn memory_guard on or remove the backend option"
         )
     if allocator_fraction and "per_process_memory_fraction" not in options:
         options["per_process_memory_fraction"] = f"{fraction:g}"
     return ",".join(f"{key}:{value}" for key, value in options.items())
+
+
+def split_path(*values: str | None) -> list[str]:
+    """The entries of ``PYTHONPATH``-style strings, in order, without empty or repeated ones.
+
+    An empty entry would put the working directory on ``sys.path``.
+    """
+    entries: list[str] = []
+    for value in values:
+        for entry in (value or "").split(":"):
+            entry = entry.strip()
+            if entry and entry not in entries:
+                entries.append(entry)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -144,20 +183,48 @@ class GPUShare:
     alloc_conf: str = ""
     startup_path: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # how the nodes share their GPUs (the GFD label): "mps", "time-slicing", ...
+    sharing: str = ""
+    # tell the user their share (a line at the first GPU use, a hint on out of memory)
+    notice: bool = True
+    # the image's own PYTHONPATH, kept after the guard's folder
+    image_pythonpath: str = ""
 
     @property
     def uses_gpu(self) -> bool:
         return self.slices > 0
 
+    @property
+    def hard_cap(self) -> bool:
+        """Whether the driver enforces the memory share (MPS), not only the frameworks."""
+        return self.uses_gpu and self.sharing == MPS
+
+    @property
+    def memory_mib(self) -> int | None:
+        """The share in MiB, where the GPU's size is known."""
+        if not self.gpu_memory_mib:
+            return None
+        return int(self.fraction * self.gpu_memory_mib)
+
+    def pythonpath(self, admin_pythonpath: str | None = None) -> str | None:
+        """The guard's folder first, then the image's paths and the admin's; None without guard."""
+        if not (self.uses_gpu and self.startup_path):
+            return None
+        return ":".join(split_path(self.startup_path, self.image_pythonpath, admin_pythonpath))
+
     def environment(self) -> dict[str, str]:
-        """Variables for PyTorch, JAX, CuPy, TensorFlow and our guard."""
+        """Variables for PyTorch, JAX, CuPy, TensorFlow and our guard.
+
+        A CPU-only server gets ``NVIDIA_VISIBLE_DEVICES=void`` and nothing else.
+        """
         if not self.uses_gpu:
-            return {}
+            return dict(NO_GPU_ENV)
         fraction = f"{self.fraction:g}"
         env = {
             FRACTION_ENV: fraction,
             "GPUSHARE_GPU_SLICES": str(self.slices),
             "GPUSHARE_GPU_REPLICAS": str(self.replicas),
+            "GPUSHARE_NOTICE": "1" if self.notice else "0",
             # JAX preallocates 75% of the GPU unless told otherwise. Only the old
             # name: every JAX knows it, and JAX 0.11 refuses to use the GPU at
             # all when both it and the new XLA_CLIENT_MEM_FRACTION are set.
@@ -167,12 +234,15 @@ class GPUShare:
             # adds the hard limit when TensorFlow is imported.
             "TF_FORCE_GPU_ALLOW_GROWTH": "true",
         }
+        if self.sharing:
+            env["GPUSHARE_SHARING"] = self.sharing
         if self.gpu_memory_mib:
             env["GPUSHARE_GPU_MEMORY_MIB"] = str(self.gpu_memory_mib)
         if self.alloc_conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = self.alloc_conf
-        if self.startup_path:
-            env["PYTHONPATH"] = self.startup_path
+        path = self.pythonpath()
+        if path:
+            env["PYTHONPATH"] = path
         env.update(self.extra_env)
         return env
 
@@ -211,10 +281,11 @@ def apply_gpu_share(
     env = [e for e in container.env or []]
     present = {e.name for e in env}
     ours = share.environment()
-    if "PYTHONPATH" in ours and isinstance(admin_env.get("PYTHONPATH"), str):
+    if "PYTHONPATH" in ours:
         # A pod's PYTHONPATH replaces the image's, so the admin's paths must
         # stay; the guard goes first so that its sitecustomize is found.
-        ours["PYTHONPATH"] = f"{ours['PYTHONPATH']}:{admin_env['PYTHONPATH']}"
+        admin_path = admin_env.get("PYTHONPATH")
+        ours["PYTHONPATH"] = share.pythonpath(admin_path if isinstance(admin_path, str) else None)
         admin_env = {k: v for k, v in admin_env.items() if k != "PYTHONPATH"}
     for name, value in ours.items():
         if name in admin_env:
@@ -256,16 +327,30 @@ def guard_configmap(
     )
 
 
-def node_gpu_facts(nodes: Iterable[Mapping], resource_name: str) -> dict[str, int | None]:
-    """Replicas, memory and the largest slice count over the nodes a server may use.
+def label_prefix(resource_name: str) -> str:
+    """Where GPU feature discovery labels a resource: ``nvidia.com/gpu`` for whole
+    GPUs (also when shared under ``nvidia.com/gpu.shared``), the MIG resource's
+    own name for MIG devices of the mixed strategy."""
+    base = resource_name.removesuffix(".shared")
+    return base if base.startswith("nvidia.com/mig-") else "nvidia.com/gpu"
 
-    ``nodes`` are Node objects as dicts. Where nodes differ, the most shared one
-    decides the replicas and the smallest GPU the memory: the share must fit
-    wherever the scheduler puts the pod.
+
+def node_gpu_facts(nodes: Iterable[Mapping], resource_name: str) -> dict:
+    """Replicas, memory, sharing and the largest slice count over the nodes a server may use.
+
+    ``nodes`` are Node objects as dicts; only nodes that offer ``resource_name``
+    count. Where nodes differ, the most shared one decides the replicas and the
+    smallest GPU the memory: the share must fit wherever the scheduler puts the
+    pod. ``replicas`` is None when none of them carries the replicas label;
+    ``sharing`` is ``"mixed"`` when they share in different ways, ``""`` when
+    none says.
     """
+    prefix = label_prefix(resource_name)
     replicas: list[int] = []
     memory: list[int] = []
+    strategies: set[str] = set()
     largest = 0
+    nodes_with_slices = 0
     for node in nodes:
         labels = node.get("metadata", {}).get("labels") or {}
         allocatable = (node.get("status") or {}).get("allocatable") or {}
@@ -275,15 +360,28 @@ def node_gpu_facts(nodes: Iterable[Mapping], resource_name: str) -> dict[str, in
             slices = 0
         if slices <= 0:
             continue
+        nodes_with_slices += 1
         largest = max(largest, slices)
-        if labels.get(REPLICAS_LABEL, "").isdigit():
-            replicas.append(int(labels[REPLICAS_LABEL]))
-        if labels.get(MEMORY_LABEL, "").isdigit():
-            memory.append(int(labels[MEMORY_LABEL]))
+        value = labels.get(f"{prefix}.replicas", "")
+        if value.isdigit():
+            # GPU feature discovery writes 0 where sharing is switched off
+            replicas.append(max(int(value), 1))
+        value = labels.get(f"{prefix}.memory", "")
+        if value.isdigit() and int(value) > 0:
+            memory.append(int(value))
+        strategy = labels.get(f"{prefix}.sharing-strategy", "").strip()
+        if strategy:
+            strategies.add(strategy)
+    if len(strategies) > 1:
+        sharing = MIXED
+    else:
+        sharing = next(iter(strategies), "")
     return {
         "replicas": max(replicas) if replicas else None,
         "gpu_memory_mib": min(memory) if memory else None,
         "largest_node_slices": largest,
+        "nodes": nodes_with_slices,
+        "sharing": sharing,
     }
 
 

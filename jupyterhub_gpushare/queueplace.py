@@ -35,7 +35,9 @@ class QueueTimeout(Exception):
 
 
 class QueuePlace:
-    def __init__(self, client: QueueClient, log: logging.Logger, name: str) -> None:
+    """``client`` None: no queue to join, only what the progress page shows."""
+
+    def __init__(self, client: QueueClient | None, log: logging.Logger, name: str) -> None:
         self.client = client
         self.log = log
         self.name = name  # the server, for log lines

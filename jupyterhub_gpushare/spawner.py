@@ -14,6 +14,7 @@ import time
 import uuid
 from datetime import timezone
 
+import aiohttp
 from jupyterhub.utils import exponential_backoff, maybe_future, url_path_join
 from kubernetes_asyncio.client import V1DeleteOptions, V1Pod, V1Preconditions
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -21,7 +22,7 @@ from kubespawner import KubeSpawner
 from tornado import web
 from traitlets import Bool, Float, Integer, TraitError, Unicode, default, validate
 
-from . import objects
+from . import messages, objects
 from ._version import __version__
 from .capacity import PoolSpec
 from .objects import GPUShare, GPUShareConfigError
@@ -92,10 +93,15 @@ class GPUShareSpawner(KubeSpawner):
         help="""
         Slices per physical GPU.
 
-        By default read from the ``nvidia.com/gpu.replicas`` label of the nodes
-        this user's server can land on (at every spawn, so a change of the
-        device plugin's config is picked up by the next spawn). An explicit
-        value wins; without either, 1 is assumed and a warning is logged::
+        By default read from the ``nvidia.com/gpu.replicas`` label that NVIDIA
+        GPU feature discovery puts on the nodes this user's server can land on
+        (at every spawn, so a change of the device plugin's config is picked up
+        by the next spawn). An explicit value wins. Without either, or when the
+        hub may not list nodes, GPU spawns fail with a message that says what is
+        missing: a wrong guess would give every user the whole GPU's memory.
+        Set it where GPU feature discovery does not run, or where GPU nodes are
+        only added on demand (autoscaling from zero), together with
+        ``gpu_memory_mib``::
 
             c.GPUShareSpawner.gpu_replicas = 4
         """,
@@ -128,7 +134,7 @@ class GPUShareSpawner(KubeSpawner):
     )
 
     memory_headroom_mib = Integer(
-        768,
+        objects.DEFAULT_HEADROOM_MIB,
         config=True,
         help="""
         Memory each process needs outside any allocator (CUDA context, cuBLAS
@@ -139,12 +145,22 @@ class GPUShareSpawner(KubeSpawner):
     )
 
     pytorch_cuda_alloc_conf = Unicode(
-        "",
+        objects.DEFAULT_PYTORCH_ALLOC_CONF,
         config=True,
         help="""
         PyTorch allocator options (``PYTORCH_CUDA_ALLOC_CONF`` syntax) for every
-        GPU server, merged with ours. ``backend:cudaMallocAsync`` is refused: it
-        ignores the per-process memory fraction::
+        GPU server.
+
+        The default, ``expandable_segments:True``, lets a process use more of its
+        share before it runs out (less fragmentation), and keeps the cap
+        (measured, see the memory page of the docs). The memory guard takes out
+        any option that the image's PyTorch is too old to know
+        (``expandable_segments`` needs 2.1), before PyTorch reads them: an unknown
+        option would make every CUDA call fail. With ``memory_guard = False``
+        nothing takes them out, so every option must suit the image's PyTorch,
+        and ``backend:cudaMallocAsync`` is refused: that allocator ignores the
+        ``per_process_memory_fraction`` option. An empty string sets no
+        options::
 
             c.GPUShareSpawner.pytorch_cuda_alloc_conf = "expandable_segments:True"
         """,
@@ -180,7 +196,7 @@ class GPUShareSpawner(KubeSpawner):
     )
 
     memory_guard_configmap = Unicode(
-        "gpushare-memory-guard",
+        objects.DEFAULT_GUARD_CONFIGMAP,
         config=True,
         help="""
         Name of the ConfigMap that carries the memory guard::
@@ -189,8 +205,41 @@ class GPUShareSpawner(KubeSpawner):
         """,
     )
 
+    memory_notice = Bool(
+        True,
+        config=True,
+        help="""
+        Tell users their share of the GPU, from inside their server: one line
+        when a process first uses the GPU ("this GPU is shared by up to 4 users:
+        PyTorch may use 34.2 GiB of its 139.8 GiB"), and a note on the first
+        out-of-memory error that says the limit is their share and what to do.
+        Once per process each; part of the memory guard::
+
+            c.GPUShareSpawner.memory_notice = False
+        """,
+    )
+
+    image_pythonpath = Unicode(
+        "",
+        config=True,
+        help="""
+        The image's own ``PYTHONPATH``, for images that set one
+        (``ENV PYTHONPATH=...``).
+
+        The memory guard puts its folder first on ``PYTHONPATH``, and a pod's
+        ``PYTHONPATH`` replaces the image's, so paths the image relies on are
+        lost unless they are given here. Entries are separated by ``:``; empty
+        ones are dropped (they would put the working directory on
+        ``sys.path``). Set it per profile where images differ (a profile's
+        ``kubespawner_override`` can set it); a ``PYTHONPATH`` in
+        ``environment`` is kept too, after these::
+
+            c.GPUShareSpawner.image_pythonpath = "/opt/app/lib:/opt/conda/extra"
+        """,
+    )
+
     memory_guard_path = Unicode(
-        "/opt/gpushare/startup",
+        objects.DEFAULT_STARTUP_PATH,
         config=True,
         help="""
         Where the memory guard is mounted in the user's container::
@@ -278,8 +327,8 @@ class GPUShareSpawner(KubeSpawner):
         """,
     )
 
-    _replicas_warned = False
     _spawn_limit_warned = False
+    _nodes_unread_warned = False
     _base_start_timeout: float | None = None
 
     @validate("gpu_slices")
@@ -315,23 +364,53 @@ class GPUShareSpawner(KubeSpawner):
 
     # -- the share ------------------------------------------------------------
     async def _node_facts(self) -> dict | None:
-        """GPU facts of the nodes this server may land on, or None if unreadable."""
+        """GPU facts of the nodes this server may land on.
+
+        Fails the spawn when the nodes cannot be read and ``gpu_replicas`` is not
+        set; with ``gpu_replicas`` set, it logs a warning and returns None.
+        """
         selector = ",".join(f"{k}={v}" for k, v in sorted((self.node_selector or {}).items()))
+        status = reason = None
         try:
+            # unparsed: node objects are large, and only their labels are needed
             response = await self.api.list_node(label_selector=selector, _preload_content=False)
-            nodes = (await response.json())["items"]
+            body = await response.json()
         except ApiException as e:
-            self.log.warning(
-                "Cannot read GPU nodes (%s %s): grant the hub list on nodes "
-                "(helm-snippets/rbac.yaml) or set c.GPUShareSpawner.gpu_replicas",
-                e.status,
-                e.reason,
+            status, reason = e.status, e.reason
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError) as e:
+            problem = f"the Kubernetes API could not list the nodes ({e.__class__.__name__}: {e})"
+        else:
+            # without preloading, the client returns error responses instead of raising
+            if response.status < 400 and isinstance(body, dict):
+                if isinstance(body.get("items"), list):
+                    return objects.node_gpu_facts(body["items"], self.gpu_resource_name)
+            status = response.status
+            reason = (body.get("reason") if isinstance(body, dict) else None) or response.reason
+        if status in (401, 403):
+            problem = (
+                f"the hub may not list nodes ({status} {reason}): grant its "
+                "ServiceAccount get and list on nodes (helm-snippets/rbac.yaml)"
             )
-            return None
-        return objects.node_gpu_facts(nodes, self.gpu_resource_name)
+        elif status is not None:
+            problem = f"listing the nodes failed ({status} {reason})"
+        if self.gpu_replicas is None:
+            raise GPUShareConfigError(
+                f"cannot work out this server's share of the GPU: {problem}, "
+                "or set c.GPUShareSpawner.gpu_replicas"
+            )
+        if not GPUShareSpawner._nodes_unread_warned:
+            GPUShareSpawner._nodes_unread_warned = True
+            self.log.warning(
+                "Cannot read GPU nodes (%s); using gpu_replicas = %d", problem, self.gpu_replicas
+            )
+        return None
 
     async def gpu_share(self) -> GPUShare:
-        """The slices and memory share of this server, with profile overrides applied."""
+        """The slices and memory share of this server, with profile overrides applied.
+
+        Raises :class:`GPUShareConfigError`, worded for the admin, when the share
+        cannot be worked out: a wrong guess would give every user the whole GPU.
+        """
         slices = objects.check_slices(self.gpu_slices)
         resource = objects.check_resource_name(self.gpu_resource_name)
         if slices == 0:
@@ -345,14 +424,14 @@ class GPUShareSpawner(KubeSpawner):
             )
         replicas = self.gpu_replicas or facts.get("replicas")
         if replicas is None:
-            replicas = 1
-            if not GPUShareSpawner._replicas_warned:
-                GPUShareSpawner._replicas_warned = True
-                self.log.warning(
-                    "No node says how many slices its GPUs have (label %s); assuming 1. "
-                    "Set c.GPUShareSpawner.gpu_replicas if the device plugin shares GPUs.",
-                    objects.REPLICAS_LABEL,
-                )
+            raise GPUShareConfigError(self._no_replicas_message(resource, facts))
+        sharing = facts.get("sharing", "")
+        if sharing == objects.MPS and slices > 1:
+            raise GPUShareConfigError(
+                f"this server asks for {slices} GPU slices, but its GPUs are shared with MPS, "
+                "which limits every process to one slice's memory and compute whatever it "
+                "asks for: give this profile gpu_slices = 1"
+            )
         memory = self.gpu_memory_mib or facts.get("gpu_memory_mib")
         if self.memory_fraction is not None:
             fraction = objects.check_fraction(self.memory_fraction)
@@ -365,9 +444,34 @@ class GPUShareSpawner(KubeSpawner):
             fraction=fraction,
             gpu_memory_mib=memory,
             alloc_conf=objects.pytorch_alloc_conf(
-                self.pytorch_cuda_alloc_conf, fraction, self.pytorch_allocator_fraction
+                self.pytorch_cuda_alloc_conf,
+                fraction,
+                self.pytorch_allocator_fraction,
+                memory_guard=self.memory_guard,
             ),
             startup_path=self.memory_guard_path if self.memory_guard else None,
+            sharing=sharing,
+            notice=self.memory_guard and self.memory_notice,
+            image_pythonpath=self.image_pythonpath,
+        )
+
+    def _no_replicas_message(self, resource: str, facts: dict) -> str:
+        label = f"{objects.label_prefix(resource)}.replicas"
+        where = "no node"
+        if self.node_selector:
+            selector = ",".join(f"{k}={v}" for k, v in sorted(self.node_selector.items()))
+            where = f"no node matching {selector}"
+        if not facts.get("nodes"):
+            return (
+                f"cannot work out this server's share of the GPU: {where} offers {resource}. "
+                "Where GPU nodes are only added on demand (autoscaling from zero), set "
+                "c.GPUShareSpawner.gpu_replicas and gpu_memory_mib; otherwise check the "
+                "profile's node selector and that the NVIDIA device plugin runs"
+            )
+        return (
+            f"cannot work out this server's share of the GPU: {where} that offers {resource} "
+            f"carries the label {label}, which NVIDIA GPU feature discovery sets. Deploy GPU "
+            "feature discovery (the GPU operator does), or set c.GPUShareSpawner.gpu_replicas"
         )
 
     async def _ensure_memory_guard(self) -> None:
@@ -633,6 +737,11 @@ class GPUShareSpawner(KubeSpawner):
 
     # -- pods the device plugin rejected ----------------------------------------
     def is_pod_running(self, pod):
+        place = getattr(self, "_place", None)
+        if place is not None and place.failure is not None:
+            # work beside the spawn failed (creating a rejected pod again): say so now
+            # rather than at start_timeout
+            raise place.failure
         status = (pod or {}).get("status") or {}
         if status.get("phase") == "Failed" and status.get("reason") in RETRYABLE_POD_FAILURES:
             uid = pod["metadata"]["uid"]
@@ -702,6 +811,14 @@ class GPUShareSpawner(KubeSpawner):
                 await self._ensure_memory_guard()
         try:
             admitted = await self.wait_for_slices(share)
+            if share.uses_gpu:
+                # what the server gets, and whether the driver or the frameworks cap it,
+                # after what the queue said ("A GPU slice is free: ...")
+                if self._place is None:
+                    self._place = QueuePlace(None, self.log, self._log_name)
+                said = (self._place.note or "").rstrip(". ")
+                note = messages.share_message(share)
+                self._place.update(note=f"{said}. {note}" if said else note)
             await self._enter_start_gate()
         finally:
             self._in_line = False

@@ -12,7 +12,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .capacity import PoolSpec
@@ -120,7 +120,7 @@ def _field(body: Mapping, name: str, kind: type | tuple[type, ...], required: bo
     return value
 
 
-@dataclass
+@dataclass(slots=True)
 class TicketStatus:
     """Where a spawn stands, as the service tells the hub (and, trimmed, the user).
 
@@ -165,7 +165,10 @@ class TicketStatus:
     )
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # not dataclasses.asdict, which deep-copies: statuses are built by the hundred
+        return {
+            name: value for name in _STATUS_FIELDS if (value := getattr(self, name)) is not None
+        }
 
     def public(self) -> dict[str, Any]:
         data = self.to_json()
@@ -178,7 +181,10 @@ class TicketStatus:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TicketStatus:
         """Read a status the service sent; unknown keys (a newer service) are ignored."""
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(_STATUS_FIELDS)
         if not isinstance(data.get("ticket"), str) or not isinstance(data.get("state"), str):
             raise TicketError("a ticket status needs 'ticket' and 'state'")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_STATUS_FIELDS = tuple(TicketStatus.__dataclass_fields__)

@@ -155,6 +155,9 @@ class ResourceWatcher(LoggingConfigurable):
                 **self._selectors(),
             )
             body = await response.json()
+            if response.status >= 400:
+                # with _preload_content=False the client does not raise for us
+                raise ApiException(status=response.status, reason=body.get("message"))
             for item in body.get("items", []):
                 kept = self.slim(item)
                 if kept is not None:

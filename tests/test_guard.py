@@ -1,9 +1,12 @@
-"""The in-container memory guard, in real interpreters with stand-in torch and tensorflow.
+"""The in-container memory guard, in real interpreters with stand-in frameworks.
 
 Each test starts a fresh Python the way a user's server would be started: the
 start-up folder from ``startup_files()`` first on PYTHONPATH, then a folder with
-tiny stand-ins for torch and tensorflow that write what is done to them to a
-JSON-lines log. No GPU, no cluster, no real framework.
+tiny stand-ins for torch, tensorflow, jax and cupy that write what is done to
+them to a JSON-lines log. No GPU, no cluster, no real framework. Where the
+stand-ins and the real frameworks could differ (when torch reads its allocator
+options, what the notice and the out-of-memory hint look like in real output),
+``benchmarks/gpu_memory_guard.py`` measures the real ones on a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jupyterhub_gpushare import guard
+from jupyterhub_gpushare.objects import GPUShare
 
 # A user image's interpreter: the base Python, without this venv's site-packages
 # (where the installed package's .pth would start the guard on its own).
@@ -40,6 +44,14 @@ def _record(event, **data):
 
 
 _record("import torch")
+
+
+class OutOfMemoryError(RuntimeError):
+    """torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError)."""
+
+
+OutOfMemoryError.__module__ = "torch"
+
 from torch import cuda  # noqa: E402  (real torch imports torch.cuda while importing)
 '''
 
@@ -96,6 +108,18 @@ def _lazy_init():
     _initialized = True
 
 
+class _Properties:
+    def __init__(self, total_memory):
+        self.total_memory = total_memory
+
+
+def get_device_properties(device=None):
+    if _BREAK == "properties":
+        raise RuntimeError("stand-in get_device_properties is broken")
+    # an H200 as torch reports it
+    return _Properties(int(os.environ.get("FAKE_TORCH_TOTAL", "150109880320")))
+
+
 def set_per_process_memory_fraction(fraction, device=None):
     _lazy_init()
     if _BREAK == "set_fraction":
@@ -146,6 +170,29 @@ config = SimpleNamespace(
 )
 '''
 
+FAKE_JAX = '''"""Stand-in for jax: its out-of-memory error comes from jaxlib."""
+import json
+import os
+
+with open(os.environ["FAKE_TORCH_LOG"], "a") as log:
+    log.write(json.dumps({"event": "import jax"}) + "\\n")
+
+
+class JaxRuntimeError(RuntimeError):
+    pass
+
+
+JaxRuntimeError.__module__ = "jaxlib._jax"
+'''
+
+FAKE_CUPY = '''"""Stand-in for cupy."""
+import json
+import os
+
+with open(os.environ["FAKE_TORCH_LOG"], "a") as log:
+    log.write(json.dumps({"event": "import cupy"}) + "\\n")
+'''
+
 # A process that looks at the guard from the inside and prints it as JSON.
 REPORT = """
 import json, sys
@@ -175,6 +222,10 @@ class Harness:
         (self.fakes / "torch" / "cuda" / "__init__.py").write_text(FAKE_TORCH_CUDA)
         (self.fakes / "tensorflow").mkdir()
         (self.fakes / "tensorflow" / "__init__.py").write_text(FAKE_TENSORFLOW)
+        (self.fakes / "jax").mkdir()
+        (self.fakes / "jax" / "__init__.py").write_text(FAKE_JAX)
+        (self.fakes / "cupy").mkdir()
+        (self.fakes / "cupy" / "__init__.py").write_text(FAKE_CUPY)
         self.log = root / "calls.jsonl"
 
     def run(
@@ -305,6 +356,9 @@ def test_startup_files_ship_the_guard_itself_and_only_need_the_stdlib():
     files = guard.startup_files()
     assert set(files) == {"sitecustomize.py", "gpushare_guard.py"}
     assert files["gpushare_guard.py"] == Path(guard.__file__).read_text()
+    # a real file of the package, linted like the rest
+    startup = Path(guard.__file__).parent / "startup" / "sitecustomize.py"
+    assert files["sitecustomize.py"] == startup.read_text()
     for name, text in files.items():
         # user images may run an older Python than the hub: keep to 3.7 syntax
         tree = ast.parse(text, name, feature_version=(3, 7))
@@ -450,8 +504,8 @@ def test_looking_for_torch_imports_nothing_and_the_real_import_is_still_capped(h
     assert harness.names() == ["import torch", "lazy_call"]
 
 
-def test_hook_removes_itself_once_both_frameworks_are_capped(harness):
-    code = "import torch, tensorflow\n" + REPORT
+def test_hook_removes_itself_once_every_framework_is_capped(harness):
+    code = "import torch, tensorflow, jax, cupy\n" + REPORT
     result = ok(harness.run(code, env={**FRACTION, "GPUSHARE_GPU_MEMORY_MIB": "1000"}))
     assert json.loads(result.stdout)["guard_finders"] == 0
     assert "lazy_call" in harness.names()
@@ -586,38 +640,62 @@ def test_broken_guard_module_warns_and_the_image_sitecustomize_still_runs(harnes
 # --- PyTorch allocator configuration ---------------------------------------------
 
 
-def test_fraction_in_alloc_conf_means_the_allocator_does_it(harness):
+def test_fraction_in_alloc_conf_and_the_guard_call_both_apply(harness):
+    # the allocator key alone is not enforced under backend:cudaMallocAsync
+    # (measured), so the guard makes its call whatever the allocator options say
     conf = "expandable_segments:True,per_process_memory_fraction:0.25"
     code = "import torch\ntorch.cuda._lazy_init()\n" + REPORT
     result = ok(harness.run(code, env={**FRACTION, "PYTORCH_CUDA_ALLOC_CONF": conf}))
-    assert json.loads(result.stdout)["applied"] == {"torch": "allocator config"}
-    assert "set_fraction" not in harness.names()
-    assert "lazy_call" not in harness.names()
+    assert json.loads(result.stdout)["applied"] == {
+        "torch": "set_per_process_memory_fraction(0.2344) x1"
+    }
     cuda_init = next(e for e in harness.events() if e["event"] == "cuda_init")
     assert cuda_init["alloc_conf"] == conf
+    assert [e["fraction"] for e in harness.events() if e["event"] == "set_fraction"] == [0.2344]
     assert result.stderr == ""
 
 
-def test_old_torch_gets_the_key_removed_and_the_hook_instead(harness):
-    conf = "expandable_segments:True,per_process_memory_fraction:0.25"
+@pytest.mark.parametrize(
+    ("version", "conf", "seen"),
+    [
+        # the spawner's default and the optional fraction key, on every version
+        ("2.11.0+cu130", "expandable_segments:True", "expandable_segments:True"),
+        (
+            "2.9.1+cu128",
+            "expandable_segments:True,per_process_memory_fraction:0.25",
+            "expandable_segments:True",
+        ),
+        ("2.0.1", "expandable_segments:True,max_split_size_mb:512", "max_split_size_mb:512"),
+        ("2.0.1", "expandable_segments:True", None),
+        (
+            "1.13.1",
+            "backend:cudaMallocAsync,garbage_collection_threshold:0.8",
+            "garbage_collection_threshold:0.8",
+        ),
+        # a version the guard cannot read is left alone
+        ("nightly", "expandable_segments:True", "expandable_segments:True"),
+    ],
+)
+def test_options_older_torch_does_not_know_are_removed_before_cuda_starts(
+    harness, version, conf, seen
+):
     code = "import torch\ntorch.cuda._lazy_init()"
-    env = {**FRACTION, "PYTORCH_CUDA_ALLOC_CONF": conf, "FAKE_TORCH_VERSION": "2.9.1+cu128"}
+    env = {**FRACTION, "PYTORCH_CUDA_ALLOC_CONF": conf, "FAKE_TORCH_VERSION": version}
     result = ok(harness.run(code, env=env))
     cuda_init = next(e for e in harness.events() if e["event"] == "cuda_init")
-    assert cuda_init["alloc_conf"] == "expandable_segments:True"
+    assert cuda_init["alloc_conf"] == seen
     sets = [e["fraction"] for e in harness.events() if e["event"] == "set_fraction"]
     assert sets == [0.2344]
-    assert len(guard_lines(result)) == 1
-    assert "does not know per_process_memory_fraction" in guard_lines(result)[0]
+    # silent: the process works, with or without the optimisation
+    assert result.stderr == ""
 
 
-def test_cuda_malloc_async_warns_once(harness):
+def test_cuda_malloc_async_is_capped_by_the_guard_call_without_a_warning(harness):
     code = "import torch\ntorch.cuda._lazy_init()\nimport torch"
     env = {**FRACTION, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
     result = ok(harness.run(code, env=env))
-    lines = guard_lines(result)
-    assert len(lines) == 1
-    assert "cudaMallocAsync" in lines[0]
+    assert result.stderr == ""
+    assert "set_fraction" in harness.names()
 
 
 def test_native_backend_does_not_warn(harness):
@@ -625,6 +703,315 @@ def test_native_backend_does_not_warn(harness):
     result = ok(harness.run("import torch\ntorch.cuda._lazy_init()", env=env))
     assert result.stderr == ""
     assert "set_fraction" in harness.names()
+
+
+def test_removing_the_fraction_variable_before_import_does_not_lift_the_cap(harness):
+    # the start-up hook read it when the interpreter started
+    code = (
+        "import os\n"
+        "del os.environ['GPUSHARE_MEMORY_FRACTION']\n"
+        "import torch\n"
+        "torch.cuda._lazy_init()\n"
+    )
+    ok(harness.run(code, env=FRACTION))
+    assert [e["fraction"] for e in harness.events() if e["event"] == "set_fraction"] == [0.2344]
+
+
+# --- what the user is told ---------------------------------------------------------
+
+# What the spawner sets for one slice of an H200 shared four ways.
+SHARED = {
+    "GPUSHARE_MEMORY_FRACTION": "0.2447",
+    "GPUSHARE_GPU_SLICES": "1",
+    "GPUSHARE_GPU_REPLICAS": "4",
+    "GPUSHARE_GPU_MEMORY_MIB": "143771",
+    "GPUSHARE_SHARING": "time-slicing",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2447",
+    "CUPY_GPU_MEMORY_LIMIT": "24.47%",
+}
+NOTICE = "gpushare: this GPU is shared by up to 4 users"
+# torch's own message when the per-process cap refuses an allocation
+TORCH_CAP_OOM = (
+    "CUDA out of memory. Tried to allocate 36.10 GiB. GPU 0 has a total capacity of "
+    "139.80 GiB of which 104.30 GiB is free. 34.21 GiB allowed; 0.01 GiB allocated"
+)
+
+
+def notice_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith(NOTICE)]
+
+
+def hint_lines(text: str) -> list[str]:
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith("gpushare:") and not line.startswith(NOTICE)
+    ]
+
+
+def test_the_notice_appears_once_at_the_first_gpu_use(harness):
+    code = (
+        "import torch\n"
+        "print('imported', flush=True)\n"
+        "torch.cuda._lazy_init()\n"
+        "torch.cuda._lazy_init()\n"
+        "import jax, cupy\n"
+    )
+    result = ok(harness.run(code, env=SHARED))
+    assert result.stdout == "imported\n"
+    assert notice_lines(result) == [
+        "gpushare: this GPU is shared by up to 4 users: PyTorch may use 34.2 GiB of its "
+        "139.8 GiB (a cooperative cap that keeps room for the others)."
+    ]
+    assert result.stderr == notice_lines(result)[0] + "\n"
+
+
+def test_no_notice_before_cuda_starts(harness):
+    result = ok(harness.run("import torch", env=SHARED))
+    assert result.stderr == ""
+
+
+def test_the_notice_names_jax_when_jax_comes_first(harness):
+    result = ok(harness.run("import jax, torch\ntorch.cuda._lazy_init()", env=SHARED))
+    assert notice_lines(result) == [
+        # a fraction of what CUDA will report, a little less than the GPU's label says
+        "gpushare: this GPU is shared by up to 4 users: JAX may use about 34.4 GiB of its "
+        "140.4 GiB (a cooperative cap that keeps room for the others)."
+    ]
+
+
+def test_the_notice_says_hard_cap_under_mps_and_counts_slices(harness):
+    env = {**SHARED, "GPUSHARE_SHARING": "mps", "GPUSHARE_GPU_SLICES": "2"}
+    result = ok(harness.run("import cupy", env=env))
+    assert notice_lines(result) == [
+        "gpushare: this GPU is shared by up to 4 users, and your server holds 2 slices: "
+        "CuPy may use about 34.4 GiB of its 140.4 GiB (a hard cap: the GPU itself refuses more)."
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_the_admin_can_switch_notice_and_hint_off(harness, value):
+    code = "import torch\ntorch.cuda._lazy_init()\nraise torch.OutOfMemoryError(MESSAGE)\n"
+    code = code.replace("MESSAGE", repr(TORCH_CAP_OOM))
+    result = harness.run(code, env={**SHARED, "GPUSHARE_NOTICE": value})
+    assert result.returncode == 1
+    assert "OutOfMemoryError" in result.stderr
+    assert "gpushare" not in result.stderr
+    # the cap itself stays
+    assert "set_fraction" in harness.names()
+
+
+def test_no_notice_where_the_gpu_is_not_shared(harness):
+    env = {**SHARED, "GPUSHARE_GPU_REPLICAS": "1", "GPUSHARE_MEMORY_FRACTION": "0.99"}
+    result = ok(harness.run("import torch\ntorch.cuda._lazy_init()", env=env))
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        # no stderr at all (pythonw, some daemons)
+        "import sys; sys.stderr = None\n",
+        # a stderr that fails
+        "import sys\nclass Broken:\n    def write(self, text): raise OSError('gone')\n"
+        "    def flush(self): pass\nsys.stderr = Broken()\n",
+        # notices and hints off is not the point here: the size is unknown
+        "import os; os.environ['FAKE_TORCH_BREAK'] = 'properties'\n",
+    ],
+)
+def test_the_notice_never_raises(harness, breakage):
+    code = breakage + "import torch\ntorch.cuda._lazy_init()\nprint(torch.cuda.is_initialized())"
+    result = ok(harness.run(code, env=SHARED))
+    assert result.stdout == "True\n"
+    assert [e["fraction"] for e in harness.events() if e["event"] == "set_fraction"] == [0.2447]
+
+
+def test_an_uncaught_out_of_memory_error_carries_the_hint_once(harness):
+    code = (
+        "import torch\n"
+        "torch.cuda._lazy_init()\n"
+        "try:\n"
+        "    raise torch.OutOfMemoryError(MESSAGE)\n"
+        "except torch.OutOfMemoryError:\n"
+        "    pass  # caught by the user's code: nothing to say\n"
+        "raise torch.OutOfMemoryError(MESSAGE)\n"
+    ).replace("MESSAGE", repr(TORCH_CAP_OOM))
+    result = harness.run(code, env=SHARED)
+    assert result.returncode == 1
+    assert result.stderr.count("OutOfMemoryError") == 1
+    hints = hint_lines(result.stderr)
+    assert len(hints) == 1
+    assert hints[0].startswith(
+        "gpushare: PyTorch ran out of memory at its cap of 34.2 GiB, your share of this GPU, "
+        "which up to 4 users share."
+    )
+    assert "torch.cuda.empty_cache()" in hints[0]
+    # after the traceback, as a note of the error
+    assert result.stderr.rstrip().endswith(hints[0])
+
+
+def test_a_full_gpu_is_told_apart_from_the_cap(harness):
+    full = TORCH_CAP_OOM.replace("of which 104.30 GiB is free", "of which 1.20 GiB is free")
+    code = "import torch\ntorch.cuda._lazy_init()\nraise torch.OutOfMemoryError(MESSAGE)"
+    result = harness.run(code.replace("MESSAGE", repr(full)), env=SHARED)
+    (hint,) = hint_lines(result.stderr)
+    assert hint.startswith("gpushare: the GPU itself ran out of memory before PyTorch reached")
+    assert "hold more than their share" in hint
+
+
+def test_under_mps_a_full_gpu_is_the_process_limit(harness):
+    # measured: under MPS, torch sees its pinned limit as the GPU's free memory
+    full = TORCH_CAP_OOM.replace("of which 104.30 GiB is free", "of which 34.93 GiB is free")
+    code = "import torch\ntorch.cuda._lazy_init()\nraise torch.OutOfMemoryError(MESSAGE)"
+    env = {**SHARED, "GPUSHARE_SHARING": "mps"}
+    result = harness.run(code.replace("MESSAGE", repr(full)), env=env)
+    (hint,) = hint_lines(result.stderr)
+    assert hint.startswith(
+        "gpushare: PyTorch reached the memory limit that this GPU (MPS) sets for each process"
+    )
+    # more slices would not help: MPS gives every process one slice
+    assert "more GPU slices" not in hint
+
+
+def test_an_out_of_memory_error_wrapped_in_another_still_gets_the_hint(harness):
+    code = (
+        "import torch\n"
+        "torch.cuda._lazy_init()\n"
+        "try:\n"
+        "    raise torch.OutOfMemoryError(MESSAGE)\n"
+        "except torch.OutOfMemoryError as e:\n"
+        "    raise RuntimeError('training step failed') from e\n"
+    ).replace("MESSAGE", repr(TORCH_CAP_OOM))
+    result = harness.run(code, env=SHARED)
+    assert len(hint_lines(result.stderr)) == 1
+    assert "RuntimeError: training step failed" in result.stderr
+
+
+def test_jax_out_of_memory_gets_the_hint(harness):
+    code = (
+        "import jax\n"
+        "raise jax.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to "
+        "allocate 38654705664 bytes.')\n"
+    )
+    result = harness.run(code, env=SHARED)
+    (hint,) = hint_lines(result.stderr)
+    assert hint.startswith("gpushare: JAX ran out of GPU memory; its cap of about 34.4 GiB is")
+
+
+def test_cupy_out_of_memory_names_the_limit_cupy_states(harness):
+    code = (
+        "import cupy\n"
+        "class OutOfMemoryError(RuntimeError):\n"
+        "    pass\n"
+        "OutOfMemoryError.__module__ = 'cupy.cuda.memory'\n"
+        "raise OutOfMemoryError('Out of memory allocating 38,762,446,848 bytes (allocated so "
+        "far: 512 bytes, limit set to: 36,731,887,714 bytes).')\n"
+    )
+    result = harness.run(code, env=SHARED)
+    (hint,) = hint_lines(result.stderr)
+    assert hint.startswith("gpushare: CuPy ran out of memory at its cap of 34.2 GiB, your share")
+    assert "free_all_blocks()" in hint
+
+
+def test_other_errors_are_left_alone(harness):
+    code = "import torch\ntorch.cuda._lazy_init()\nraise ValueError('not about memory')"
+    result = harness.run(code, env=SHARED)
+    assert result.returncode == 1
+    assert hint_lines(result.stderr) == []
+    assert result.stderr.rstrip().endswith("ValueError: not about memory")
+
+
+# A notebook cell as IPython runs it: the real InteractiveShell (the one
+# ipykernel builds on), with the stand-in torch.
+IPYTHON_CELLS = """
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance(colors="nocolor")
+cells = [
+    "import torch",
+    "torch.cuda._lazy_init()",
+    "raise torch.OutOfMemoryError(MESSAGE)",
+    "raise ValueError('something else')",
+    "raise torch.OutOfMemoryError(MESSAGE)",
+    "print('still running')",
+]
+for cell in cells:
+    shell.run_cell(cell)
+    print("--- cell done", flush=True)
+"""
+
+
+def test_in_a_notebook_the_hint_is_in_the_cell_output_once(harness):
+    import IPython
+
+    site = Path(IPython.__file__).parents[1]
+    code = IPYTHON_CELLS.replace("MESSAGE", repr(repr(TORCH_CAP_OOM))[1:-1])
+    result = ok(
+        harness.run(
+            code,
+            env={**SHARED, "IPYTHONDIR": str(harness.root / "ipython")},
+            path=[harness.startup, harness.fakes, site],
+        )
+    )
+    cells = result.stdout.split("--- cell done\n")
+    # the notice went to stderr at the first GPU use (a notebook shows it under the cell)
+    assert len(notice_lines(result)) == 1
+    assert "OutOfMemoryError" in cells[2]
+    assert len(hint_lines(cells[2])) == 1
+    assert "ValueError: something else" in cells[3]
+    assert hint_lines(cells[3]) == []
+    # once per process: the second out-of-memory error is shown as torch words it
+    assert "OutOfMemoryError" in cells[4]
+    assert hint_lines(cells[4]) == []
+    assert cells[5] == "still running\n"
+
+
+@given(
+    framework=st.sampled_from(["torch", "jax", "cupy", "tensorflow", "something"]),
+    cap=st.one_of(st.none(), st.floats(0, 1e13)),
+    total=st.one_of(st.none(), st.floats(0, 1e13)),
+    replicas=st.one_of(st.none(), st.integers(-2, 64)),
+    slices=st.one_of(st.none(), st.integers(-2, 8)),
+    sharing=st.sampled_from(["", "mps", "time-slicing", "mixed"]),
+    at_cap=st.sampled_from([None, True, False]),
+)
+def test_texts_are_one_line_for_any_facts(framework, cap, total, replicas, slices, sharing, at_cap):
+    notice = guard.notice_text(framework, cap, total, replicas, slices, sharing)
+    if replicas is None or replicas < 2:
+        assert notice is None
+    else:
+        assert notice.startswith(NOTICE.replace("4", str(replicas)))
+        assert "\n" not in notice
+    hint = guard.oom_hint_text(framework, cap, at_cap, replicas, slices, sharing)
+    assert hint.startswith("gpushare: ")
+    assert "\n" not in hint
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "message", "expected"),
+    [
+        ("torch", "OutOfMemoryError", "CUDA out of memory", "torch"),
+        ("torch.cuda", "OutOfMemoryError", "CUDA out of memory", "torch"),
+        ("cupy.cuda.memory", "OutOfMemoryError", "Out of memory allocating", "cupy"),
+        ("jaxlib._jax", "JaxRuntimeError", "RESOURCE_EXHAUSTED: Out of memory", "jax"),
+        ("jaxlib._jax", "JaxRuntimeError", "INVALID_ARGUMENT: shapes", None),
+        ("tensorflow.python.framework.errors_impl", "ResourceExhaustedError", "OOM", "tensorflow"),
+        ("mylib", "OutOfMemoryError", "not a framework's", None),
+    ],
+)
+def test_out_of_memory_errors_are_recognised_by_framework(module, name, message, expected):
+    error_type = type(name, (RuntimeError,), {"__module__": module})
+    found = guard._oom_of(error_type(message))
+    assert (found[0] if found else None) == expected
+
+
+def test_what_the_error_says_about_the_cap():
+    assert guard._at_cap("torch", TORCH_CAP_OOM) is True
+    full = TORCH_CAP_OOM.replace("104.30 GiB is free", "512.00 MiB is free")
+    assert guard._at_cap("torch", full) is False
+    assert guard._at_cap("torch", "CUDA error: out of memory") is None
+    assert guard._at_cap("cupy", "... (limit set to: 37,527,470,080 bytes)") is True
+    assert guard._at_cap("cupy", "Out of memory allocating 1,024 bytes") is False
+    assert guard._at_cap("jax", "RESOURCE_EXHAUSTED") is None
 
 
 # --- TensorFlow ----------------------------------------------------------------------
@@ -729,6 +1116,40 @@ def test_no_image_sitecustomize_is_fine(harness):
     result = ok(harness.run(code, env=FRACTION))
     assert result.stdout == "None\n"
     assert result.stderr == ""
+
+
+# --- the image's own PYTHONPATH -------------------------------------------------------
+
+
+def test_a_profiles_image_pythonpath_keeps_the_images_modules_and_sitecustomize(harness):
+    image = harness.root / "image-lib"
+    image.mkdir()
+    (image / "imagetool.py").write_text("WHERE = 'image'\n")
+    ran = harness.root / "image-sitecustomize-ran"
+    (image / "sitecustomize.py").write_text(f"open({str(ran)!r}, 'a').write('x')\n")
+    # what the spawner puts in the pod for image_pythonpath = "<image>:" (a stray colon)
+    share = GPUShare(
+        "nvidia.com/gpu",
+        1,
+        4,
+        0.2447,
+        startup_path=str(harness.startup),
+        image_pythonpath=f"{image}:",
+    )
+    pythonpath = share.environment()["PYTHONPATH"]
+    assert pythonpath == f"{harness.startup}:{image}"
+    code = "import sys, imagetool\nprint(imagetool.WHERE, '' in sys.path[1:])\n" + REPORT
+    result = ok(
+        harness.run(
+            code,
+            env={**FRACTION, "PYTHONPATH": f"{pythonpath}:{harness.fakes}"},
+            path=[],
+        )
+    )
+    first, report = result.stdout.splitlines()
+    assert first == "image False"
+    assert ran.read_text() == "x"
+    assert json.loads(report)["guard_finders"] == 1
 
 
 # --- the .pth autostart for images with jupyterhub-gpushare installed ----------------------

@@ -10,8 +10,8 @@
   without it those requests are forbidden;
 - user-scheduler.yaml, in a real kube-scheduler, puts GPU servers where GPU
   slices are already taken, where the chart's scoring would not;
-- time-slicing-configmap.yaml holds a config the NVIDIA device plugin accepts,
-  the same config ``gpushare setup`` writes.
+- time-slicing-configmap.yaml holds a config the NVIDIA device plugin's own code
+  accepts as 4 slices per GPU, the same config ``gpushare setup`` writes.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from jupyterhub_gpushare.sharing import pluginconfig
+from jupyterhub_gpushare.testing import pluginparser
 from jupyterhub_gpushare.testing.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -745,66 +747,37 @@ async def test_user_scheduler_packs_gpu_slices(core, gpu_nodes, hub_namespace, u
 
 
 # -- the device plugin's time-slicing config --------------------------------------
-# The rules of the NVIDIA device plugin's config file (api/config/v1), written out
-# here so the test does not trust our own CLI's validator alone: the plugin rejects
-# a version other than v1, a sharing section without resources, a resource
-# without name or replicas, replicas below 2 and devices other than "all", a
-# count or a list; it silently ignores unknown keys, which we refuse as well.
-CONFIG_KEYS = {"version", "flags", "resources", "sharing", "imex"}
-SHARING_KEYS = {"timeSlicing", "mps"}
-REPLICATED_KEYS = {"renameByDefault", "failRequestsGreaterThanOne", "resources"}
-RESOURCE_KEYS = {"name", "rename", "devices", "replicas"}
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-def device_plugin_replicas(text: str) -> dict[str, int]:
-    """Parse a device plugin config as the plugin would; the replicas per resource."""
-    conf = yaml.safe_load(text)
-    assert isinstance(conf, dict), "the config must be a mapping"
-    assert set(conf) <= CONFIG_KEYS, f"unknown keys {set(conf) - CONFIG_KEYS}"
-    assert conf.get("version") in (None, "", "v1"), f"unknown version {conf.get('version')!r}"
-    sharing = conf.get("sharing") or {}
-    assert set(sharing) <= SHARING_KEYS, f"unknown sharing {set(sharing) - SHARING_KEYS}"
-    assert len(sharing) == 1, "one sharing strategy, time-slicing or MPS"
-    (section,) = sharing.values()
-    assert set(section) <= REPLICATED_KEYS, f"unknown keys {set(section) - REPLICATED_KEYS}"
-    for flag in ("renameByDefault", "failRequestsGreaterThanOne"):
-        assert isinstance(section.get(flag, False), bool), f"{flag} must be true or false"
-    resources = section.get("resources")
-    assert isinstance(resources, list) and resources, "no resources specified"
-    replicas = {}
-    for resource in resources:
-        assert set(resource) <= RESOURCE_KEYS, f"unknown keys {set(resource) - RESOURCE_KEYS}"
-        assert isinstance(resource.get("name"), str), "no resource name specified"
-        name = resource["name"] if "/" in resource["name"] else f"nvidia.com/{resource['name']}"
-        prefix, _, short = name.partition("/")
-        assert prefix == "nvidia.com" and DNS_SUBDOMAIN.match(short), f"bad name {name!r}"
-        count = resource.get("replicas")
-        assert isinstance(count, int) and not isinstance(count, bool), "no replicas specified"
-        assert count >= 2, "number of replicas must be >= 2"
-        devices = resource.get("devices", "all")
-        assert (
-            devices == "all"
-            or (isinstance(devices, int) and devices > 0)
-            or isinstance(devices, list)
-        ), f"bad devices {devices!r}"
-        replicas[name] = count
-    return replicas
-
-
 def time_slicing_configmap() -> tuple[dict, str, str]:
     (configmap,) = load_all("time-slicing-configmap.yaml")
     ((key, text),) = configmap["data"].items()
     return configmap, key, text
 
 
-def test_configmap_is_the_device_plugins_config():
+@pytest.fixture(scope="module")
+def plugin_parser():
+    try:
+        return pluginparser.binary()
+    except pluginparser.ParserUnavailable as e:
+        pytest.fail(f"the device plugin's parser cannot be built: {e}")
+
+
+def test_configmap_is_the_device_plugins_config(plugin_parser):
     configmap, key, text = time_slicing_configmap()
     assert configmap["apiVersion"] == "v1" and configmap["kind"] == "ConfigMap"
     assert configmap["metadata"]["name"] == "time-slicing-config"
     assert configmap["metadata"]["namespace"] == "gpu-operator"
-    assert device_plugin_replicas(text) == {"nvidia.com/gpu": 4}
-    assert "sharing" in yaml.safe_load(text) and "timeSlicing" in yaml.safe_load(text)["sharing"]
+    # the device plugin's own code reads it: 4 slices per GPU, nothing ignored
+    answer = pluginparser.read(text, plugin_parser)
+    assert answer.ok and answer.warnings == []
+    assert (answer.gpu.strategy, answer.gpu.label_replicas, answer.gpu.devices_per_gpu) == (
+        "time-slicing",
+        4,
+        4,
+    )
+    assert (answer.gpu.resource, answer.gpu.fail_requests_greater_than_one) == (
+        "nvidia.com/gpu",
+        False,
+    )
     # the ClusterPolicy patch in the comments names this ConfigMap and key
     header = (SNIPPETS / "time-slicing-configmap.yaml").read_text()
     patch = re.search(r"-p '(\{.*\})'", header).group(1)
@@ -815,30 +788,13 @@ def test_configmap_is_the_device_plugins_config():
     }
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "version: v2\nsharing: {timeSlicing: {resources: [{name: nvidia.com/gpu, replicas: 4}]}}",
-        "sharing: {timeSlicing: {resources: [{name: nvidia.com/gpu, replicas: 1}]}}",
-        "sharing: {timeSlicing: {resources: []}}",
-        "sharing: {timeSlicing: {resources: [{name: nvidia.com/gpu, replica: 4}]}}",
-        "sharing: {timeSlicing: {renameByDefault: true, resources: [{replicas: 4}]}}",
-        "flags: {}\nsharing: {timeslicing: {resources: [{name: nvidia.com/gpu, replicas: 4}]}}",
-    ],
-)
-def test_the_config_check_refuses_what_the_plugin_refuses_or_ignores(bad):
-    with pytest.raises(AssertionError):
-        device_plugin_replicas(bad)
-
-
 def test_configmap_holds_what_gpushare_setup_writes():
-    timeslicing = pytest.importorskip("jupyterhub_gpushare.timeslicing")
     _, _, text = time_slicing_configmap()
-    sharing = timeslicing.Sharing("time-slicing", 4)
-    # our CLI's strict check (it also refuses what the plugin would ignore) ...
-    assert timeslicing.parse_config(text) == sharing
-    # ... and the very config `gpushare setup --replicas 4` writes
-    assert yaml.safe_load(text) == yaml.safe_load(timeslicing.render_config(sharing))
+    sharing = pluginconfig.Sharing("time-slicing", 4)
+    reading = pluginconfig.read_config(text)
+    assert reading.usable and reading.notes == [] and reading.sharing == sharing
+    # ... and the very config `gpushare setup --replicas 4` writes: setup adopts it
+    assert yaml.safe_load(text) == yaml.safe_load(pluginconfig.render_config(sharing))
 
 
 def test_readme_install_order_matches():

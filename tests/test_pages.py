@@ -283,6 +283,8 @@ async def test_admin_page_has_user_table_and_gpu_panel(hub, scene, browser):
             "NVIDIA GeForce RTX 5090 · 2 GPUs \u00d7 2 replicas = 4 slices"
         )
         await expect(rtx.locator('[data-gs="node-usage"]')).to_have_text("4 of 4 in use · 0 free")
+        # time-sliced: what holds users to their memory share is the frameworks
+        await expect(rtx.locator('[data-gs="cap"]')).to_have_text("cooperative cap")
         await expect(rtx.locator(".gs-bar .gs-used")).to_have_count(4)
         await expect(rtx.locator(".gs-holders tbody tr")).to_have_count(4)
         assert sorted(await rtx.locator(".gs-holders td.gs-user").all_inner_texts()) == sorted(
@@ -377,6 +379,7 @@ async def test_service_page_for_users_and_admins(hub, scene, browser):
         await expect(place).to_contain_text("of 2 in line for")
         rtx_pool = root.locator('tr[data-pool="nvidia.com/gpu|gpushare.dev/pool=rtx"]')
         await expect(rtx_pool.locator('[data-gs="pool-free"]')).to_have_text("0 of 4 free")
+        await expect(rtx_pool.locator('[data-gs="cap"]')).to_have_text("cooperative cap")
         await expect(rtx_pool.locator('[data-gs="pool-waiting"]')).to_have_text("2 waiting")
         # a user sees no node, no holder, no other user's name
         assert await root.locator(".gs-node").count() == 0
@@ -443,10 +446,15 @@ async def test_non_admins_never_get_the_panel(hub, scene, browser):
         await page.goto(hub.url + "/services/gpushare/")
         await expect(page.locator("#gpushare")).to_have_attribute("data-loaded", "true")
         assert await page.locator(".gs-node").count() == 0
-        for path in ("api/nodes", "api/activity", "panel"):
+        for path in ("api/nodes", "api/activity"):
             status, body = await fetch_from_page(page, path)
             assert status == 403, (path, body)
             assert "margaret" not in body
+        # the panel is a page: refused with 403, or (when the hub is slow to vouch
+        # for the cookie) sent to log in again; never the panel itself
+        status, body = await fetch_from_page(page, "panel")
+        assert status == 403 or 'id="gpushare"' not in body, body
+        assert 'data-mode="embedded"' not in body and "margaret" not in body
         status, body = await fetch_from_page(page, "api/queue")
         assert status == 200 and "margaret" not in body and '"user"' not in body
         assert session.dialogs == []

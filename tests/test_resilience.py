@@ -148,7 +148,12 @@ class Storm:
         pods = await self.core.list_namespaced_pod(
             self.namespace, field_selector=f"spec.nodeName={self.node}"
         )
-        holding = [p for p in pods.items if p.status.phase not in ("Succeeded", "Failed")]
+        holding = [
+            p
+            for p in pods.items
+            if p.status.phase not in ("Succeeded", "Failed")
+            and "nvidia.com/gpu" in (p.spec.containers[0].resources.limits or {})
+        ]
         assert len(holding) <= SLICES, [p.metadata.name for p in holding]
 
     async def drain(self, disrupt=None) -> None:

@@ -360,10 +360,21 @@ async def test_a_client_that_never_finishes_its_request_is_let_go(hub):
     assert await asyncio.to_thread(linger) == b""
 
 
-async def test_users_see_no_cluster_internals(hub_factory, cluster, tmp_path):
-    # a hub whose service cannot reach the API server (nothing listens there)
-    broken = kubeconfig_via(cluster.kubeconfig, free_port(), tmp_path / "kubeconfig")
-    hub = hub_factory("c.GPUShareSpawner.memory_guard = False\n", kubeconfig=broken)
+@pytest.mark.parametrize(
+    "cluster_problem,admins_read",
+    [
+        ("unreachable", "cannot reach the Kubernetes API server"),
+        ("no RBAC", "forbidden: the service may not list/watch nodes"),
+    ],
+)
+async def test_users_see_no_cluster_internals(
+    cluster_problem, admins_read, hub_factory, cluster, tmp_path
+):
+    if cluster_problem == "unreachable":  # nothing listens there
+        kubeconfig = kubeconfig_via(cluster.kubeconfig, free_port(), tmp_path / "kubeconfig")
+    else:  # an identity no role is bound to
+        kubeconfig = cluster.kubeconfig_for("no-rbac-hub")
+    hub = hub_factory("c.GPUShareSpawner.memory_guard = False\n", kubeconfig=kubeconfig)
     user = {"Authorization": f"token {await user_token(hub, 'alice')}"}
     admin = {"Authorization": f"token {await user_token(hub, 'admin')}"}
 
@@ -372,7 +383,7 @@ async def test_users_see_no_cluster_internals(hub_factory, cluster, tmp_path):
         return body if body["problem"] and not body["ready"] else None
 
     seen_by_admin = await wait_for(lambda: not_ready(admin), 60, "the service to give up")
-    assert "cannot reach the Kubernetes API server" in seen_by_admin["problem"]
+    assert admins_read in seen_by_admin["problem"]
     seen_by_user = await not_ready(user)
     assert seen_by_user["problem"] == "the GPU service is reading the cluster's GPU nodes"
-    assert "127.0.0.1" not in json.dumps(seen_by_user)
+    assert "127.0.0.1" not in json.dumps(seen_by_user) and "rbac" not in json.dumps(seen_by_user)

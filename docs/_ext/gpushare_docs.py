@@ -11,8 +11,11 @@ that the pages pull in with ``{include}``:
   these (anything else is a build warning, so an error under ``-W``);
 - ``results-<name>.md``: the GPU measurements in ``benchmarks/results/`` when they
   exist, else a note that says how to produce them; ``performance-*.md``: the
-  expected shares next to the figures measured during design and, once
-  measured, with the release;
+  expected shares next to the measured ones; ``bench-<name>.md``: the cluster
+  benchmarks' main tables, as ``benchmarks/README.md`` shows them;
+  ``memory-*.md`` and ``sharing-comparison.md``: the
+  memory guard's and MPS's measurements as tables (escape routes, allocator
+  options, what users see, time-slicing against MPS);
 - ``screenshots.md``: the images in ``_static/screenshots/``, if any.
 """
 
@@ -352,8 +355,8 @@ def results_page(name: str, command: str) -> str:
     if not (data_path.exists() or text_path.exists()):
         return (
             "```{note}\n"
-            f"No measurement in `benchmarks/results/{name}.*` yet: the figures above were "
-            "measured during design. On a machine with an NVIDIA GPU, run\n"
+            f"No measurement in `benchmarks/results/{name}.*` yet. On a machine with an "
+            "NVIDIA GPU, run\n"
             f"`{command}` and build the docs again; the measured figures then appear here.\n"
             "```\n"
         )
@@ -386,14 +389,6 @@ def results_page(name: str, command: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-# Measured during design on one H200 (per-process bf16 GEMM TFLOP/s; interactive
-# p50/p99/max ms beside N-1 busy processes), shown until a release measurement exists
-# and beside it afterwards.
-DESIGN_THROUGHPUT = {1: 668.0, 2: 310.5, 4: 155.2, 8: 77.5}
-DESIGN_LATENCY = {1: (0.23, 0.35, 0.39), 2: (1.58, 2.43, 2.47), 4: (3.87, 7.14, 7.70)}
-DESIGN_LATENCY[8] = (6.19, 17.6, 18.0)
-
-
 def _timeslicing_measurement() -> dict | None:
     """Per-process throughput and interactive latency per N from the release
     measurement, or None if there is none (or it cannot be read)."""
@@ -417,53 +412,332 @@ def _timeslicing_measurement() -> dict | None:
 
 
 def performance_tables() -> tuple[str, str]:
+    """Throughput per user and short-step latency from the release measurement."""
     measured = _timeslicing_measurement()
-    ns = sorted(set(DESIGN_THROUGHPUT) | set((measured or {}).get("throughput", {})))
-    head = "| users computing on one GPU | expected share each |"
-    rule = "|---|---|"
-    if measured:
-        head += " measured per user, this release | of one user alone |"
-        rule += "---|---|"
-    head += " measured per user during design | of one user alone |"
-    rule += "---|---|"
-    rows = [head, rule]
-    for n in ns:
-        row = f"| {n} | {100 / n:g} % |"
-        if measured:
-            alone = measured["throughput"].get(1)
-            value = measured["throughput"].get(n)
-            if value is None or not alone:
-                row += " | |"
-            else:
-                row += f" {value:.1f} TFLOP/s | {100 * value / alone:.1f} % |"
-        design = DESIGN_THROUGHPUT.get(n)
-        if design is None:
-            row += " | |"
-        else:
-            row += f" {design:g} TFLOP/s | {100 * design / DESIGN_THROUGHPUT[1]:.1f} % |"
-        rows.append(row)
+    if not measured:
+        note = _not_measured("gpu_timeslicing", "python3 benchmarks/gpu_timeslicing.py")
+        return note, note
+    alone = measured["throughput"].get(1)
+    rows = [
+        "| users computing on one GPU | expected share each | measured per user "
+        "| of one user alone |",
+        "|---|---|---|---|",
+    ]
+    for n in sorted(measured["throughput"]):
+        value = measured["throughput"][n]
+        of_alone = f"{100 * value / alone:.1f} %" if alone else ""
+        rows.append(f"| {n} | {100 / n:g} % | {value:.1f} TFLOP/s | {of_alone} |")
     throughput = "\n".join(rows) + "\n"
-
-    def times(values) -> str:
-        return " / ".join(f"{v:.2f}" for v in values) + " ms"
-
-    head = "| busy neighbours |"
-    rule = "|---|"
-    if measured:
-        head += " p50 / p99 / max, this release |"
-        rule += "---|"
-    head += " p50 / p99 / max, during design |"
-    rule += "---|"
-    rows = [head, rule]
-    for n in sorted(set(DESIGN_LATENCY) | set((measured or {}).get("latency", {}))):
-        row = f"| {n - 1} |"
-        if measured:
-            value = measured["latency"].get(n)
-            row += f" {times(value)} |" if value else " |"
-        design = DESIGN_LATENCY.get(n)
-        row += f" {times(design)} |" if design else " |"
-        rows.append(row)
+    rows = ["| busy neighbours | p50 / p99 / max |", "|---|---|"]
+    for n in sorted(measured["latency"]):
+        values = measured["latency"][n]
+        rows.append(f"| {n - 1} | " + " / ".join(f"{v:.2f}" for v in values) + " ms |")
     return throughput, "\n".join(rows) + "\n"
+
+
+def cluster_benchmark(name: str) -> str:
+    """A cluster benchmark's main table, as benchmarks/README.md shows it."""
+    import sys
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import readme
+
+    return readme.render(f"{{{{results:{name}}}}}\n", RESULTS).split("-->\n\n", 1)[1]
+
+
+# -- the memory share: tables from the memory guard's and MPS's measurements --------
+GiB = 1 << 30
+
+
+def _results(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        log.warning("cannot read %s: %s", path, e)
+        return None
+
+
+def _not_measured(name: str, command: str) -> str:
+    return (
+        f"```{{note}}\nNo measurement in `benchmarks/results/{name}.json` yet. On a machine "
+        f"with an NVIDIA GPU, run `{command}` and build the docs again.\n```\n"
+    )
+
+
+def _where(data: dict) -> str:
+    device = data.get("device") or {}
+    name = device.get("nvidia_smi", "") if isinstance(device, dict) else str(device)
+    versions = ", ".join(
+        f"{module} {device[module]}"
+        for module in ("torch", "jax", "cupy")
+        if isinstance(device, dict) and device.get(module)
+    )
+    return f"{data.get('date', '')} on {name}" + (f" ({versions})" if versions else "")
+
+
+def _route_result(route: dict | None) -> str:
+    if route is None:
+        return "not measured"
+    if "skipped" in route:
+        return f"not measured ({route['skipped']})"
+    if route.get("prepared") is False:
+        return f"did not start ({route.get('error')})"
+    if route.get("allocated"):
+        return "**gets more**"
+    if "allocated" in route:
+        return f"refused ({route.get('error')})"
+    return f"no answer (exit {route.get('exit_code')})"
+
+
+# The benchmark's route names as the docs write them; a route missing here is
+# shown under its own name.
+ROUTE_LABELS = {
+    "pytorch: nothing (the share)": "PyTorch, nothing special",
+    "pytorch: unset GPUSHARE_MEMORY_FRACTION before import torch": (
+        "PyTorch: `del os.environ['GPUSHARE_MEMORY_FRACTION']` before `import torch`"
+    ),
+    "pytorch: python -E": "PyTorch in `python -E` (ignores `PYTHONPATH`)",
+    "pytorch: python -I": "PyTorch in `python -I` (isolated mode)",
+    "pytorch: python -I, jupyterhub-gpushare installed in the image": (
+        "PyTorch in `python -I`, jupyterhub-gpushare installed in the image"
+    ),
+    "pytorch: remove the guard's import hook": (
+        "PyTorch: removes the guard's finder from `sys.meta_path` before `import torch`"
+    ),
+    "pytorch: set_per_process_memory_fraction(1.0)": (
+        "PyTorch: `torch.cuda.set_per_process_memory_fraction(1.0)`"
+    ),
+    "pytorch: PYTORCH_ALLOC_CONF=per_process_memory_fraction:1.0 of its own": (
+        "PyTorch: `PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:1.0` before `import torch`"
+    ),
+    "pytorch: adds backend:cudaMallocAsync": (
+        "PyTorch: adds `backend:cudaMallocAsync` to `PYTORCH_CUDA_ALLOC_CONF`"
+    ),
+    "pytorch: adds backend:cudaMallocAsync, pytorch_allocator_fraction on": (
+        "PyTorch: adds `backend:cudaMallocAsync`, with `pytorch_allocator_fraction = True`"
+    ),
+    "pytorch: backend:cudaMallocAsync + allocator key, no guard (spawner refuses)": (
+        "PyTorch: `backend:cudaMallocAsync` and the allocator's fraction key, no guard "
+        "(a configuration the spawner refuses)"
+    ),
+    "cupy: nothing (the share)": "CuPy, nothing special",
+    "cupy: pool.set_limit(size=0)": "CuPy: `cupy.get_default_memory_pool().set_limit(size=0)`",
+    "cupy: raw cudaMalloc, no pool (raw CUDA, Numba, RAPIDS)": (
+        "`cudaMalloc` outside any pool (raw CUDA, Numba, RAPIDS)"
+    ),
+    "jax: nothing (the share)": "JAX, nothing special",
+    "jax: XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 before first use": (
+        "JAX: `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9` before its first GPU use"
+    ),
+    "jax: XLA_PYTHON_CLIENT_ALLOCATOR=platform": "JAX: `XLA_PYTHON_CLIENT_ALLOCATOR=platform`",
+    "mps: client sets CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=140G, fraction 1.0": (
+        "MPS client sets `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=140G` (and PyTorch's fraction 1.0)"
+    ),
+    "mps: client drops CUDA_MPS_PIPE_DIRECTORY (leaves MPS), fraction 1.0": (
+        "MPS client drops `CUDA_MPS_PIPE_DIRECTORY` and so leaves MPS (and fraction 1.0)"
+    ),
+}
+
+
+def _route_label(name: str) -> str:
+    return ROUTE_LABELS.get(name, name)
+
+
+def memory_routes_table() -> str:
+    guard, mps = _results("gpu_memory_guard"), _results("gpu_mps")
+    if not guard or not guard.get("routes"):
+        return _not_measured("gpu_memory_guard", "python3 benchmarks/gpu_memory_guard.py")
+    mps_routes = {r["route"]: r for r in (mps or {}).get("routes", [])}
+    measured_mps = bool(mps and mps.get("mps_started") and mps_routes)
+    head = "| what the user's code does | time-slicing (the memory guard) |"
+    rule = "|---|---|"
+    if measured_mps:
+        head += " MPS (the device plugin's limits) |"
+        rule += "---|"
+    rows = [head, rule]
+    names = [r["route"] for r in guard["routes"]]
+    names += [name for name in mps_routes if name not in names]
+    ts_routes = {r["route"]: r for r in guard["routes"]}
+    for name in names:
+        row = f"| {cell(_route_label(name))} | {_route_result(ts_routes.get(name))} |"
+        if measured_mps:
+            row += f" {_route_result(mps_routes.get(name))} |"
+        rows.append(row)
+    intro = (
+        f"Each route is one process (n = 1 per row) with the environment the spawner builds "
+        f"for one slice of a GPU shared {guard.get('replicas')} ways (a share of "
+        f"{guard['share_bytes'] / GiB:.1f} GiB), asking for {guard['target_bytes'] / GiB:.1f} "
+        "GiB in one allocation: more than its share, and more than MPS allows one client. "
+        f"Time-slicing measured {_where(guard)}"
+    )
+    if measured_mps:
+        intro += f"; MPS measured {_where(mps)}, limits set as the device plugin sets them"
+    return intro + ".\n\n" + "\n".join(rows) + "\n"
+
+
+def memory_allocator_table() -> str:
+    guard = _results("gpu_memory_guard")
+    results = [r for r in (guard or {}).get("allocator", []) if r.get("runs")]
+    if not results:
+        return _not_measured("gpu_memory_guard", "python3 benchmarks/gpu_memory_guard.py")
+    rows = [
+        "| `PYTORCH_CUDA_ALLOC_CONF` | in use at the first refusal, median (lowest) |"
+        " largest reserved | allocations above the share refused afterwards |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        runs, share = r["runs"], r["share_bytes"]
+        used = sorted(x["allocated_at_refusal"] / share for x in runs)
+        reserved = max(x["max_reserved"] for x in runs) / share
+        held = sum(bool(x["over_share_refused"]) for x in runs)
+        conf = f"`{r['conf']}`" if r["conf"] else "none (PyTorch's defaults)"
+        rows.append(
+            f"| {conf} | {100 * used[len(used) // 2]:.1f} % ({100 * used[0]:.1f} %) of the share |"
+            f" {100 * reserved:.1f} % of the share | {held} of {len(runs)} |"
+        )
+    return (
+        f"Each option ran the same {len(results[0]['runs'])} random sequences (seeds; n = "
+        f"{len(results[0]['runs'])} per row) of allocations between 13 MiB and 3 GiB with "
+        "random frees, until the first out-of-memory error, in one process with the spawner's "
+        f"environment; measured {_where(guard)}.\n\n" + "\n".join(rows) + "\n"
+    )
+
+
+def memory_notice_page() -> str:
+    guard = _results("gpu_memory_guard")
+    notices = (guard or {}).get("notice") or []
+    if not notices:
+        return _not_measured("gpu_memory_guard", "python3 benchmarks/gpu_memory_guard.py")
+    on = [r for r in notices if r["notices_on"]]
+    off = [r for r in notices if not r["notices_on"]]
+    frameworks = ", ".join(sorted({r["framework"] for r in on}))
+    lines = [
+        f"Measured {_where(guard)}: {len(on)} processes at once ({frameworks}), each with the "
+        "spawner's environment, used the GPU, then asked for more than its share without "
+        f"catching the error. {sum(len(r['notice_lines']) == 1 for r in on)} of {len(on)} "
+        f"showed the notice exactly once, {sum(len(r['hint_lines']) == 1 for r in on)} of "
+        f"{len(on)} the hint exactly once, under the traceback"
+    ]
+    if off:
+        shown = sum(len(r["notice_lines"]) + len(r["hint_lines"]) for r in off)
+        lines[0] += f"; with `memory_notice = False`, {shown} lines"
+    lines[0] += ". What they printed:"
+    lines += ["", "```text"]
+    example = next((r for r in on if r["notice_lines"]), None)
+    if example:
+        lines.append(example["notice_lines"][0])
+    seen = set()
+    for r in on:
+        if r["hint_lines"] and r["framework"] not in seen:
+            seen.add(r["framework"])
+            lines.append(r["hint_lines"][0])
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def memory_example() -> str:
+    from jupyterhub_gpushare import objects
+
+    memory = 81559  # an H100 80GB, as GPU feature discovery labels it
+    fraction = objects.memory_fraction(1, 4, memory, objects.DEFAULT_HEADROOM_MIB)
+    return (
+        f"One slice of an 80 GB H100 ({memory} MiB) shared 4 ways gets "
+        f"0.25 - {objects.DEFAULT_HEADROOM_MIB}/{memory} = {fraction:g}, about "
+        f"{fraction * memory / 1024:.1f} GiB.\n"
+    )
+
+
+def memory_spawn_message() -> str:
+    from jupyterhub_gpushare import messages, objects
+
+    lines = []
+    memory = 81559
+    fraction = objects.memory_fraction(1, 4, memory, objects.DEFAULT_HEADROOM_MIB)
+    for sharing, where in ((objects.TIME_SLICING, "time-slicing"), (objects.MPS, "MPS")):
+        share = objects.GPUShare("nvidia.com/gpu", 1, 4, fraction, memory, sharing=sharing)
+        lines.append(f"- on {where} nodes: *{messages.share_message(share)}*")
+    return "\n".join(lines) + "\n"
+
+
+def _ms(lat: dict) -> str:
+    keys = [k for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms") if k in lat]
+    names = " / ".join(k.split("_")[0] for k in keys)
+    values = " / ".join(f"{lat[k]:.2f}" for k in keys)
+    return f"{names}: {values} ms (n = {lat['calls']})"
+
+
+def sharing_comparison() -> str:
+    """Time-slicing against MPS, side by side, from both measurements."""
+    ts, mps = _results("gpu_timeslicing"), _results("gpu_mps")
+    if not (mps and mps.get("mps_started") and mps.get("throughput")):
+        return _not_measured("gpu_mps", "python3 benchmarks/gpu_mps.py")
+    n = mps.get("replicas", 4)
+    mps_tp, mps_lat = mps["throughput"], mps.get("latency") or {}
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    def tflops(phase, together=False):
+        if not phase or "per_process_tflops" not in phase:
+            return "not measured"
+        if together:
+            return f"{phase['aggregate_tflops']:.0f} TFLOP/s"
+        return f"{mean(phase['per_process_tflops']):.0f} TFLOP/s"
+
+    ts_tp = (ts or {}).get("throughput") or {}
+    ts_lat = (ts or {}).get("latency") or {}
+    rows = [
+        f"| | time-slicing, {n} slices | MPS, {n} clients (the device plugin's limits) |",
+        "|---|---|---|",
+        f"| one user computing alone | {tflops(ts_tp.get('1'))} |"
+        f" {tflops(mps_tp.get('1 alone'))} |",
+        f"| {n} users computing, each | {tflops(ts_tp.get(str(n)))} |"
+        f" {tflops(mps_tp.get(f'{n} together'))} |",
+        f"| {n} users computing, together | {tflops(ts_tp.get(str(n)), True)} |"
+        f" {tflops(mps_tp.get(f'{n} together'), True)} |",
+    ]
+
+    def latency(phase):
+        lat = (phase or {}).get("interactive")
+        return _ms(lat) if lat else "not measured"
+
+    rows.append(
+        f"| a short GPU step (1024³ GEMM + sync) beside {n - 1} busy users |"
+        f" {latency(ts_lat.get(str(n)))} | {latency(mps_lat.get(f'beside {n - 1} busy'))} |"
+    )
+    rows.append(
+        f"| the same step alone | {latency(ts_lat.get('1'))} | {latency(mps_lat.get('alone'))} |"
+    )
+    raised = mps_tp.get("1 alone, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100")
+    if raised and "per_process_tflops" in raised:
+        rows.append(
+            "| one user alone who sets `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100` | — |"
+            f" {tflops(raised)} |"
+        )
+    guard = _results("gpu_memory_guard")
+    if guard and guard.get("routes") and mps.get("routes"):
+
+        def closed(routes):
+            measured = [r for r in routes if "allocated" in r]
+            return f"{sum(not r['allocated'] for r in measured)} of {len(measured)} routes refused"
+
+        rows.append(
+            f"| memory above the share | cooperative: {closed(guard['routes'])} |"
+            f" hard: {closed(mps['routes'])} |"
+        )
+    limits = mps.get("limits") or {}
+    memory, threads = limits.get("pinned_mem_limit"), limits.get("active_thread_percentage")
+    return (
+        f"bf16 8192³ GEMM loops in separate processes; time-slicing measured "
+        f"{_where(ts) if ts else '(not measured)'}, MPS measured {_where(mps)} with a pinned "
+        f"memory limit of {memory} and {threads} % of the threads per client.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def screenshots_page() -> str:
@@ -530,10 +804,23 @@ def generate(app) -> None:
         "results-gpu_memory_caps.md",
         results_page("gpu_memory_caps", "python3 benchmarks/gpu_memory_caps.py"),
     )
+    write(
+        "results-gpu_memory_guard.md",
+        results_page("gpu_memory_guard", "python3 benchmarks/gpu_memory_guard.py"),
+    )
+    write("results-gpu_mps.md", results_page("gpu_mps", "python3 benchmarks/gpu_mps.py"))
+    write("memory-routes.md", memory_routes_table())
+    write("memory-allocator.md", memory_allocator_table())
+    write("memory-notice.md", memory_notice_page())
+    write("memory-example.md", memory_example())
+    write("memory-spawn-message.md", memory_spawn_message())
+    write("sharing-comparison.md", sharing_comparison())
     write("results-class_day.md", class_day_page())
     write("screenshots.md", screenshots_page())
     throughput, latency = performance_tables()
     write("performance-throughput.md", throughput)
+    for name in ("handover", "queue_updates", "churn", "fairness", "scale", "spawn_cost"):
+        write(f"bench-{name}.md", cluster_benchmark(name))
     write("performance-latency.md", latency)
 
 

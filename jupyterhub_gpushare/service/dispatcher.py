@@ -1,10 +1,11 @@
 """The service's core: watch events in, admissions and status updates out.
 
-The watchers feed the :class:`~..clusterview.ClusterView` one event at a time;
-after each burst of events (one turn of the event loop), one cycle settles
-bookings whose pods are now bound, admits whoever a node has room for, saves
-the line if it changed, and tells each followed spawn its status if that
-changed. Nothing in a cycle scans the whole cluster.
+The watchers feed the :class:`~..clusterview.ClusterView` one event at a time,
+and each event is dealt with at once: a cycle settles bookings whose pods are
+now bound, admits whoever a node has room for, marks the line to be saved, and
+wakes the followers whose status may have changed (each works out its own
+afterwards). Nothing in a cycle scans the whole cluster. A re-list, which
+swaps in a whole new list, makes one cycle.
 
 A spawn is known to be alive while the hub follows its ticket. One that nobody
 follows for ``reconnect_seconds`` (the hub restarted and dropped it, or its
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from kubernetes_asyncio import client
 from traitlets import Float, Integer, List, Unicode
@@ -30,12 +31,22 @@ from ..tickets import ADMITTED, GONE, HELD, WAITING, TicketRequest, TicketStatus
 from ..watch import node_watcher, pod_watcher
 from . import metrics
 from .hubapi import HubAPI
-from .notifier import Notifier
+from .notifier import Follower, Notifier
 from .queuestore import QueueStore
 from .reclaimer import Reclaimer
 
 # what users are told while the service cannot see the cluster (admins see why)
 NOT_READY = "the GPU service is reading the cluster's GPU nodes"
+# what a ticket's status says of its pool: what the spawn page shows
+TICKET_POOL_KEYS = (
+    "key",
+    "resource",
+    "selector",
+    "products",
+    "sharing",
+    "slices_total",
+    "slices_free",
+)
 
 
 class Dispatcher(LoggingConfigurable):
@@ -121,6 +132,8 @@ class Dispatcher(LoggingConfigurable):
         self._cycle_scheduled = False
         self._publish_all = True
         self._places_published: object = None
+        self._summaries: dict[str, dict] = {}  # what waiting users see of each pool
+        self._save_handle: asyncio.TimerHandle | None = None
         self._housekeeping: asyncio.Task | None = None
         self.housekeeping_seconds = max(min(self.reconnect_seconds / 5, 2.0), 0.2)
         self.reclaimer = Reclaimer(
@@ -144,6 +157,9 @@ class Dispatcher(LoggingConfigurable):
     async def stop(self) -> None:
         if self._housekeeping:
             self._housekeeping.cancel()
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_now()
         await self.nodes.stop()
         await self.pods.stop()
 
@@ -171,8 +187,10 @@ class Dispatcher(LoggingConfigurable):
             self.view.apply_node(key, obj)
         else:
             self.view.apply_pod(key, obj)
-        self.reclaimer.changed()
-        self._soon()
+        # dealt with at once: a cycle after one event touches one node's worth of
+        # state, and the followers it wakes work out their statuses afterwards
+        if not self._cycle_scheduled:
+            self.cycle()
 
     def stale(self, kind: str, problem: str) -> None:
         self._publish_all = True
@@ -194,6 +212,13 @@ class Dispatcher(LoggingConfigurable):
         self._cycle_scheduled = False
         now = time.time()
         changes = self.view.take_changes()
+        for key in changes.pools:
+            self._summaries.pop(key, None)
+        # what reclaim works out from the holders: again only when they changed
+        if changes.hub_pods:
+            self.reclaimer.changed()
+        elif changes.pools:
+            self.reclaimer.pools_changed(changes.pools)
         for (resource, node), slices in changes.released:
             pools = [k for k in self.view.pools_of(node) if self.view.pools[k].resource == resource]
             self.queue.record_release(pools, now, slices)
@@ -202,7 +227,12 @@ class Dispatcher(LoggingConfigurable):
             for ticket in self.queue.settle(changes.bound_tickets, now):
                 changed = True
                 self._gone(ticket, "started" if ticket.id in changes.bound_tickets else "expired")
-            for ticket in self.queue.admit(now):
+            # only a change of capacity or of the line can let anyone in
+            if changes.freed or changes.pools or self.queue.needs_admission:
+                admitted = self.queue.admit(now)
+            else:
+                admitted = []
+            for ticket in admitted:
                 changed = True
                 metrics.QUEUE_EXITS.labels(reason="admitted").inc()
                 metrics.QUEUE_WAIT.observe(max(now - ticket.requested_at, 0))
@@ -215,52 +245,108 @@ class Dispatcher(LoggingConfigurable):
                     now - ticket.requested_at,
                 )
         if changed:
-            self.store.save(self.queue)
+            self._save_soon()
         self._publish(changes.pools)
 
     def _publish(self, changed_pools: set[str]) -> None:
-        """Tell every followed spawn whose status may have changed."""
+        """Wake every follower whose status may have changed; each works out its
+        own (see :meth:`statuses`)."""
         # a new order or new places concern everyone; capacity only its pools
         places = self.queue.places()
         everyone = self._publish_all or places is not self._places_published
         self._publish_all, self._places_published = False, places
-        statuses = {}
-        for ticket_id in list(self.notifier.followed()):
-            ticket = self.queue.tickets.get(ticket_id)
-            if ticket is None:
-                continue
-            if everyone or ticket.pool.key in changed_pools:
-                statuses[ticket_id] = self.ticket_status(ticket_id).to_json()
-        self.notifier.publish(statuses)
+        if everyone:
+            self.notifier.touch()
+        elif changed_pools:
+            tickets = self.queue.tickets
+            self.notifier.touch(
+                t
+                for t in list(self.notifier.followed())
+                if t in tickets and tickets[t].pool.key in changed_pools
+            )
+
+    def _save_soon(self) -> None:
+        """Write the line within a second. Spawners re-join with their request
+        time, so a restart loses nobody's place even if the last second's
+        changes were not written; writing at most once a second keeps a busy
+        line from writing the whole file on every event."""
+        if self._save_handle is None:
+            self._save_handle = asyncio.get_running_loop().call_later(1.0, self._save_now)
+
+    def _save_now(self) -> None:
+        self._save_handle = None
+        self.store.save(self.queue)
 
     def _gone(self, ticket: Ticket, reason: str) -> None:
         self.notifier.gone(ticket.id, TicketStatus.gone(ticket.id, reason).to_json())
+
+    async def statuses(self, ticket_id: str, keepalive: float) -> AsyncIterator[dict | None]:
+        """A ticket's status now and whenever it changes; None after ``keepalive``
+        seconds without a change. Ends once the ticket has left the line.
+
+        Following a ticket is how the hub shows that its spawn is alive.
+        """
+        follower = self.follow(ticket_id)
+        loop = asyncio.get_running_loop()
+        written = loop.time()
+        try:
+            while True:
+                # a timer, not wait_for: no task per wake-up, and it also wakes us
+                # for the keepalive
+                timer = loop.call_later(keepalive, follower.changed.set)
+                await follower.changed.wait()
+                timer.cancel()
+                follower.changed.clear()
+                status = follower.final or self.ticket_status(ticket_id).to_json()
+                if status != follower.last:
+                    follower.last, written = status, loop.time()
+                    yield status
+                elif loop.time() - written >= keepalive:
+                    written = loop.time()
+                    yield None
+                if status["state"] == GONE:
+                    return
+        finally:
+            self.unfollow(ticket_id, follower)
 
     # -- statuses ------------------------------------------------------------------------
     def pool_status(self, spec: PoolSpec) -> dict:
         waiting = sum(1 for t in self.queue.waiting() if t.pool.key == spec.key)
         return self.view.pool_summary(spec, waiting)
 
-    def ticket_status(self, ticket_id: str) -> TicketStatus:
+    def _ticket_pool(self, spec: PoolSpec) -> dict:
+        """What a waiting user is shown of their pool; kept until the pool's
+        totals change (every cycle drops the changed ones)."""
+        summary = self._summaries.get(spec.key)
+        if summary is None:
+            full = self.view.pool_summary(spec, 0)
+            summary = self._summaries[spec.key] = {k: full[k] for k in TICKET_POOL_KEYS}
+        return summary
+
+    def ticket_status(
+        self, ticket_id: str, places: dict | None = None, ready: bool | None = None
+    ) -> TicketStatus:
+        """Where a spawn stands. ``places`` and ``ready``, when given, are what
+        the caller already has for this turn (statuses are built by the hundred)."""
         ticket = self.queue.tickets.get(ticket_id)
         if ticket is None:
             return TicketStatus.gone(ticket_id)
+        ready = self.ready if ready is None else ready
         status = TicketStatus(
             ticket=ticket_id,
             state=ticket.state,
-            ready=self.ready,
-            pool=self.view.pool_summary(ticket.pool, 0),
+            ready=ready,
+            pool=self._ticket_pool(ticket.pool),
             requested_at=ticket.requested_at,
             kept_place=ticket.kept_place,
         )
         if ticket.state == WAITING:
-            place = self.queue.places()[ticket_id]
+            place = (places or self.queue.places())[ticket_id]
             status.position, status.waiting, status.reason = (
                 place.position,
                 place.waiting,
                 place.reason,
             )
-            status.pool["waiting"] = place.waiting
             outlook = self.reclaimer.outlook(ticket, self.reconnect_seconds, time.time())
             if outlook.bound_at is not None:
                 # every bound shown is a promise: a later, looser one never replaces it
@@ -273,7 +359,7 @@ class Dispatcher(LoggingConfigurable):
             status.node = ticket.node
         elif ticket.state == HELD:
             status.held_until = ticket.held_until
-        if not self.ready:
+        if not ready:
             status.problem = self.problem or NOT_READY
         return status
 
@@ -301,7 +387,7 @@ class Dispatcher(LoggingConfigurable):
                 ticket.slices,
                 " (kept the place of a spawn the hub dropped)" if ticket.kept_place else "",
             )
-        self.store.save(self.queue)
+        self._save_soon()
         self.cycle()
         return self.ticket_status(ticket.id)
 
@@ -313,18 +399,18 @@ class Dispatcher(LoggingConfigurable):
             metrics.QUEUE_EXITS.labels(reason=reason).inc()
         self.log.info("%s left the line (%s)", ticket_id, reason)
         self._gone(ticket, reason)
-        self.store.save(self.queue)
+        self._save_soon()
         self.cycle()
         return TicketStatus.gone(ticket_id, reason)
 
-    def follow(self, ticket_id: str) -> asyncio.Queue:
+    def follow(self, ticket_id: str) -> Follower:
         # a spawn that follows its ticket is alive: after a restart, that confirms it
         self.queue.confirm(ticket_id)
-        follower = self.notifier.follow(ticket_id, self.ticket_status(ticket_id).to_json())
+        follower = self.notifier.follow(ticket_id)
         self._soon()
         return follower
 
-    def unfollow(self, ticket_id: str, follower: asyncio.Queue) -> None:
+    def unfollow(self, ticket_id: str, follower: Follower) -> None:
         self.notifier.unfollow(ticket_id, follower)
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -363,7 +449,7 @@ class Dispatcher(LoggingConfigurable):
             self._gone(ticket, "abandoned")
         self.notifier.prune(set(self.queue.tickets))
         if changed:
-            self.store.save(self.queue)
+            self._save_soon()
         self.cycle()
         self.reclaimer.tick(now)
 

@@ -15,7 +15,7 @@ Every refusal is a 4xx with a JSON body.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -320,24 +320,17 @@ class TicketEventsHandler(BaseHandler):
     async def get(self, ticket_id: str) -> None:
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-store")
-        follower = self.dispatcher.follow(ticket_id)
+        statuses = self.dispatcher.statuses(ticket_id, self.keepalive_seconds)
         try:
-            while True:
-                try:
-                    status = await asyncio.wait_for(follower.get(), self.keepalive_seconds)
-                except asyncio.TimeoutError:
-                    # also how a closed connection is noticed, at the write
-                    self.write(":keepalive\n\n")
+            async with contextlib.aclosing(statuses):
+                async for status in statuses:
+                    # a keepalive is also how a closed connection is noticed, at the write
+                    self.write(
+                        ":keepalive\n\n" if status is None else f"data: {json.dumps(status)}\n\n"
+                    )
                     await self.flush()
-                    continue
-                self.write(f"data: {json.dumps(status)}\n\n")
-                await self.flush()
-                if status.get("state") == GONE:
-                    break
         except StreamClosedError:
             pass
-        finally:
-            self.dispatcher.unfollow(ticket_id, follower)
 
 
 class MetricsHandler(BaseHandler):

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from traitlets import Bool, Float, Integer, Set, Unicode
+from traitlets import All, Bool, Float, Integer, Set, Unicode, observe
 from traitlets.config import LoggingConfigurable
 
 from ..clusterview import ClusterView
@@ -277,8 +277,18 @@ class Reclaimer(LoggingConfigurable):
         self._looked_at = 0.0  # when a page last asked for activity
 
     # -- settings --------------------------------------------------------------------------
+    @observe(All)
+    def _settings_changed(self, change) -> None:
+        self._policy = None
+
     @property
     def policy(self) -> Policy:
+        """The settings as one value (read for every status: built once)."""
+        if getattr(self, "_policy", None) is None:
+            self._policy = self._make_policy()
+        return self._policy
+
+    def _make_policy(self) -> Policy:
         culler = None
         if self.culler_timeout_seconds or self.culler_max_age_seconds:
             culler = CullerSettings(
@@ -337,9 +347,14 @@ class Reclaimer(LoggingConfigurable):
 
     # -- what is known ---------------------------------------------------------------------
     def changed(self) -> None:
-        """The cluster view changed: holdings and deadlines are worked out again."""
+        """Holders changed: holdings and deadlines are worked out again."""
         self._holdings = None
         self._supply = {}
+
+    def pools_changed(self, keys: set[str]) -> None:
+        """Capacity changed in these pools (not who holds what): their supply is new."""
+        for key in keys:
+            self._supply.pop(key, None)
 
     def holdings(self) -> list[Holding]:
         if self._holdings is None:

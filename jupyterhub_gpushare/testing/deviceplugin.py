@@ -3,20 +3,23 @@
 Two halves:
 
 - ``python -m jupyterhub_gpushare.testing.deviceplugin`` is what each stand-in pod runs (our
-  simulated kubelet starts it as a local process). Like the real plugin with the
-  operator's config-manager, it picks its node's config (node label
-  ``nvidia.com/device-plugin.config``, else the ClusterPolicy's default, else
-  none), parses it *non-strictly* as the plugin does (unknown keys ignored,
-  replicas < 2 rejected), then advertises ``gpu.count x replicas`` in the node's
-  capacity and allocatable and sets the GFD labels. It then listens on its pod
-  IP, which makes the pod Ready, and stays until it is deleted. A config it
-  cannot use makes it exit 1, like the plugin's crash loop.
+  simulated kubelet starts it as a local process). Like the operator's
+  config-manager, it finds the ClusterPolicy the operator acts on (the oldest,
+  whatever its name) and picks its node's config: the node label
+  ``nvidia.com/device-plugin.config``, else the policy's default, else none. It
+  parses that config with the device plugin's own Go code
+  (:mod:`jupyterhub_gpushare.testing.pluginparser`), then advertises what the plugin
+  would: ``gpu.count x`` devices per GPU in the node's capacity and allocatable,
+  and GFD's labels (replicas from the first entry, strategy, ``-SHARED``). It then
+  listens on its pod IP, which makes the pod Ready, and stays until it is deleted.
+  A config the plugin refuses, a key the ConfigMap lacks or a missing ConfigMap
+  make it log the reason and exit 1, like the plugin's crash loop.
 - :class:`StandInDaemonSet` runs in the test process and does the DaemonSet
   controller's job (there is no controller manager): one pod per node labelled
   ``nvidia.com/gpu.deploy.device-plugin=true``, recreated when deleted.
 
 It reads the ClusterPolicy and ConfigMap on its own, independently of
-:mod:`jupyterhub_gpushare.timeslicing`, so the tests check our CLI against an
+:mod:`jupyterhub_gpushare.sharing`, so the tests check our CLI against an
 independent reading of the same rules.
 """
 
@@ -29,9 +32,10 @@ import os
 import signal
 import sys
 
-import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from . import pluginparser
 
 APP_LABEL = "nvidia-device-plugin-daemonset"
 DEPLOY_LABEL = "nvidia.com/gpu.deploy.device-plugin"
@@ -46,54 +50,14 @@ class PluginConfigError(Exception):
     """What makes the real plugin (or its config-manager) exit."""
 
 
-# -- the plugin's reading of its config: lenient like sigs.k8s.io/yaml into Go structs ---
-def _replicated(section: object, where: str) -> tuple[bool, dict[str, int]]:
-    if not isinstance(section, dict):
-        section = {}
-    rename = section.get("renameByDefault", False)
-    if not isinstance(rename, bool):
-        raise PluginConfigError(f"{where}.renameByDefault: cannot unmarshal into bool")
-    resources = section.get("resources")
-    if not resources:
-        raise PluginConfigError("no resources specified")
-    replicas: dict[str, int] = {}
-    for item in resources:
-        if not isinstance(item, dict) or "name" not in item:
-            raise PluginConfigError("no resource name specified")
-        if "replicas" not in item:
-            raise PluginConfigError("no replicas specified")
-        count = item["replicas"]
-        if not isinstance(count, int) or isinstance(count, bool):
-            raise PluginConfigError(f"{where}: replicas: cannot unmarshal into int")
-        if count < 2:
-            raise PluginConfigError("number of replicas must be >= 2")
-        name = str(item["name"])
-        replicas[name if "/" in name else f"nvidia.com/{name}"] = count
-    return rename, replicas
-
-
-def plugin_sharing(text: str) -> tuple[str, int, bool]:
-    """(strategy, replicas of nvidia.com/gpu, renamed) as the plugin and GFD see a config."""
-    config = yaml.safe_load(text) or {}
-    if not isinstance(config, dict):
-        raise PluginConfigError("unmarshal error: not a mapping")
-    version = config.get("version") or "v1"
-    if version != "v1":
-        raise PluginConfigError(f"unknown version: {version}")
-    sharing = config.get("sharing") or {}
-    if not isinstance(sharing, dict):
-        sharing = {}
-    parsed = {}
-    for key in ("timeSlicing", "mps"):
-        if key in sharing:
-            parsed[key] = _replicated(sharing[key], f"sharing.{key}")
-    # ReplicatedResources(): MPS when its section exists, else time-slicing
-    active = "mps" if "mps" in parsed else "timeSlicing"
-    rename, replicas = parsed.get(active, (False, {}))
-    count = replicas.get("nvidia.com/gpu", 1)
-    if count <= 1:
-        return "none", 1, False
-    return ("mps" if active == "mps" else "time-slicing"), count, rename
+def operators_policy(policies: list[dict]) -> dict:
+    """The ClusterPolicy the GPU operator acts on: the oldest, then the first by name."""
+    if not policies:
+        return {}
+    return min(
+        policies,
+        key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]),
+    )
 
 
 async def apply_to_node(api: client.ApiClient, node_name: str, namespace: str) -> str:
@@ -101,9 +65,8 @@ async def apply_to_node(api: client.ApiClient, node_name: str, namespace: str) -
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
     try:
-        policy = await custom.get_cluster_custom_object(
-            "nvidia.com", "v1", "clusterpolicies", "cluster-policy"
-        )
+        listing = await custom.list_cluster_custom_object("nvidia.com", "v1", "clusterpolicies")
+        policy = operators_policy(listing.get("items") or [])
     except ApiException as e:
         if e.status != 404:
             raise
@@ -111,42 +74,61 @@ async def apply_to_node(api: client.ApiClient, node_name: str, namespace: str) -
     config = ((policy.get("spec") or {}).get("devicePlugin") or {}).get("config") or {}
     node = await core.read_node(node_name)
     labels = dict(node.metadata.labels or {})
-    strategy, replicas, renamed = "none", 1, False
+    devices_per_gpu, label_replicas, strategy = 1, 1, "none"
+    resource, renamed = "nvidia.com/gpu", False
     if config.get("name"):
         try:
             cm = await core.read_namespaced_config_map(config["name"], namespace)
         except ApiException as e:
             if e.status == 404:
-                raise PluginConfigError(f"ConfigMap {config['name']} not found") from None
+                raise PluginConfigError(
+                    f'configmap "{config["name"]}" not found: the config volume cannot mount'
+                ) from None
             raise
         data = cm.data or {}
+        if not data:
+            raise PluginConfigError("no configuration files available")
         key = labels.get(CONFIG_LABEL) or config.get("default") or ""
         if key:  # the operator's fallback strategy is "empty": no key, no config
             if key not in data:
                 raise PluginConfigError(f"specified config {key} does not exist")
-            strategy, replicas, renamed = plugin_sharing(data[key])
+            answer = await asyncio.to_thread(pluginparser.read, data[key])
+            if not answer.ok:
+                raise PluginConfigError(f"unable to load config: {answer.error}")
+            for warning in answer.warnings:
+                log.warning("%s", warning)
+            gpu = answer.gpu
+            devices_per_gpu, label_replicas, strategy = (
+                gpu.devices_per_gpu,
+                gpu.label_replicas,
+                gpu.strategy,
+            )
+            resource, renamed = gpu.resource, gpu.renamed
     gpus = int(labels.get("nvidia.com/gpu.count", "0"))
-    slices = str(gpus * replicas)
-    if renamed:
-        resources = {"nvidia.com/gpu.shared": slices, "nvidia.com/gpu": "0"}
-    else:
+    slices = str(gpus * devices_per_gpu)
+    if resource == "nvidia.com/gpu":
         resources = {"nvidia.com/gpu": slices, "nvidia.com/gpu.shared": None}
+    else:
+        resources = {resource: slices, "nvidia.com/gpu": "0"}
     # the plugin registers with the kubelet first ...
     await core.patch_node_status(
         node_name, {"status": {"capacity": resources, "allocatable": resources}}
     )
     # ... and GFD relabels a little later
     product = labels.get("nvidia.com/gpu.product", "").removesuffix("-SHARED")
-    if product and replicas > 1 and not renamed:
+    if product and label_replicas > 1 and not renamed:
         product += "-SHARED"
     new_labels = {
-        "nvidia.com/gpu.replicas": str(replicas),
+        "nvidia.com/gpu.replicas": str(label_replicas),
         "nvidia.com/gpu.sharing-strategy": strategy,
     }
     if product:
         new_labels["nvidia.com/gpu.product"] = product
     await core.patch_node(node_name, {"metadata": {"labels": new_labels}})
-    return f"{strategy} x{replicas}{' renamed' if renamed else ''}: {slices} slices"
+    return (
+        f"{strategy} x{label_replicas}{' renamed' if renamed else ''}: {slices} slices "
+        f"of {resource}"
+    )
 
 
 async def serve() -> int:
@@ -178,7 +160,7 @@ async def serve() -> int:
 
 
 # -- the DaemonSet controller, in the test process ------------------------------------
-def standin_pod(node: str, kubeconfig: str) -> dict:
+def standin_pod(node: str, kubeconfig: str, parser: str) -> dict:
     return {
         "metadata": {
             "generateName": f"{APP_LABEL}-",
@@ -196,6 +178,7 @@ def standin_pod(node: str, kubeconfig: str) -> dict:
                     "ports": [{"containerPort": PORT}],
                     "env": [
                         {"name": KUBECONFIG_ENV, "value": kubeconfig},
+                        {"name": pluginparser.BINARY_ENV, "value": parser},
                         {"name": "PYTHONUNBUFFERED", "value": "1"},
                         {
                             "name": "NODE_NAME",
@@ -223,6 +206,8 @@ class StandInDaemonSet:
         self.core = core
         self.namespace = namespace
         self.kubeconfig = kubeconfig
+        # built (or found in the cache) here, so that the pods need no Go toolchain
+        self.parser = str(pluginparser.binary())
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -263,7 +248,7 @@ class StandInDaemonSet:
         present = {p.spec.node_name for p in pods}
         for node in sorted(wanted - present):
             await self.core.create_namespaced_pod(
-                self.namespace, standin_pod(node, self.kubeconfig)
+                self.namespace, standin_pod(node, self.kubeconfig, self.parser)
             )
         for pod in pods:
             if pod.spec.node_name not in wanted and not pod.metadata.deletion_timestamp:

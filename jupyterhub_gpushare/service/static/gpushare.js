@@ -129,6 +129,23 @@
     return h("time", { datetime: new Date(t * 1000).toISOString(), title: new Date(t * 1000).toLocaleString() }, text);
   }
 
+  // How a node shares its GPUs decides what holds a user to their share.
+  const CAPS = {
+    mps: ["hard cap (MPS)", "Each server at most 1/N of the GPU's memory and compute, enforced by the driver."],
+    "time-slicing": ["cooperative cap", "Frameworks keep to 1/N of the memory; a user alone gets all of the GPU's compute."],
+    none: ["whole GPU", "Not shared: one server per GPU."],
+  };
+  function capOf(strategies) {
+    const known = (strategies || []).filter((s) => Object.prototype.hasOwnProperty.call(CAPS, s));
+    // nodes that disagree: say the weaker of what holds
+    const kind = known.length === 1 ? known[0] : known.includes("time-slicing") || !known.length ? "time-slicing" : known[0];
+    return CAPS[kind];
+  }
+  function capLabel(strategies) {
+    const [label, explanation] = capOf(strategies);
+    return h("span", { class: "gs-cap", "data-gs": "cap", title: explanation }, label);
+  }
+
   function productName(product) {
     return String(product || "").replace(/-SHARED$/, "").replace(/-/g, " ") || "unknown GPU";
   }
@@ -258,10 +275,11 @@
           h("td", {}, poolLabel(pool)),
           h("td", {}, sliceBar(pool.slices_used, pool.slices_total, true)),
           h("td", { class: "gs-num", "data-gs": "pool-free" }, pool.slices_free + " of " + pool.slices_total + " free"),
-          h("td", { class: "gs-num", "data-gs": "pool-waiting" }, pool.waiting + " waiting")
+          h("td", { class: "gs-num", "data-gs": "pool-waiting" }, pool.waiting + " waiting"),
+          h("td", {}, capLabel(pool.sharing))
         )
       );
-      parts.push(table(["GPUs", "In use", "Free", "In line"], rows, "gs-pools"));
+      parts.push(table(["GPUs", "In use", "Free", "In line", "Memory"], rows, "gs-pools"));
     }
     if (capacity.ready === false && capacity.problem) {
       parts.push(h("p", { class: "gs-warning" }, "Still reading the cluster: " + capacity.problem));
@@ -309,9 +327,12 @@
         productName(node.product),
         (node.gpus || "?") + " GPU" + (node.gpus === 1 ? "" : "s") + " × " + node.replicas + " replica" + (node.replicas === 1 ? "" : "s") + " = " + plural(node.slices_total, "slice"),
         memory,
-        node.strategy && node.strategy !== "none" ? node.strategy : null,
         node.resource !== "nvidia.com/gpu" ? node.resource : null,
       ].filter(Boolean);
+      const booked = Number(node.slices_booked) || 0;
+      const usage =
+        node.slices_used + " of " + node.slices_total + " in use · " +
+        (booked ? booked + " booked for starting servers · " : "") + node.slices_free + " free";
       const holders = (node.holders || []).map((holder) => {
         const isHub = holder.user !== null && holder.user !== undefined;
         const seen = isHub ? known.get(holder.user) : undefined;
@@ -344,13 +365,14 @@
             { class: "gs-node-head" },
             h("strong", { class: "gs-node-name" }, node.name),
             h("span", { class: "gs-node-facts" }, facts.join(" · ")),
+            capLabel([node.strategy]),
             node.schedulable ? null : h("span", { class: "gs-badge gs-badge-warn" }, "not schedulable")
           ),
           h(
             "div",
             { class: "gs-node-bar" },
             sliceBar(node.slices_used, node.slices_total, false),
-            h("span", { class: "gs-bar-label", "data-gs": "node-usage" }, node.slices_used + " of " + node.slices_total + " in use · " + node.slices_free + " free")
+            h("span", { class: "gs-bar-label", "data-gs": "node-usage" }, usage)
           ),
           holders.length
             ? table(columns, holders, "gs-holders")
