@@ -232,9 +232,13 @@ class GPUShareService(Application):
             xheaders=self.trust_xheaders,
             # bodies are tiny JSON; anything bigger is refused before it is read
             max_body_size=handlers.MAX_BODY_BYTES,
-            # clients that send nothing (or headers byte by byte) are let go
+            # clients that send nothing (or headers byte by byte) are let go ...
             idle_connection_timeout=30,
             body_timeout=10,
+            # ... and no connection is kept open between requests: the proxy
+            # would otherwise reuse one that this timeout has just closed, and
+            # answer that request with a 503
+            no_keep_alive=True,
         )
         server.listen(self.port, self.ip)
         self.log.info(
