@@ -67,7 +67,7 @@ $(JH5_STAMP): pyproject.toml
 test-jh5: deps $(JH5_STAMP)
 	$(JH5_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_hub.py tests/test_spawner.py \
 		tests/test_queue_edges.py tests/test_pages.py tests/test_config.py tests/test_class.py \
-		tests/test_start_timeout.py
+		tests/test_start_timeout.py tests/test_reclaim_config.py
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html

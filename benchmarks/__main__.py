@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import churn, fairness, handover, queue_updates, readme, scale, spawn_cost
+from . import churn, class_day, fairness, handover, queue_updates, readme, scale, spawn_cost
 from .common import RESULTS_DIR, log
 
 BENCHMARKS = {
@@ -25,6 +25,7 @@ BENCHMARKS = {
     "spawn-cost": spawn_cost,
     "churn": churn,
     "fairness": fairness,
+    "class-day": class_day,
 }
 
 

@@ -368,11 +368,20 @@ def hub_config(plain: bool, extra: str = "") -> str:
 
 @contextlib.asynccontextmanager
 async def running_hub(
-    cluster: LocalCluster, namespace: str, plain: bool, extra: str = ""
+    cluster: LocalCluster, namespace: str, plain: bool, extra: str = "", before_configure: str = ""
 ) -> AsyncIterator[LocalHub]:
-    """A real JupyterHub (+ CHP, + our service unless plain), stopped afterwards."""
+    """A real JupyterHub (+ CHP, + our service unless plain), stopped afterwards.
+
+    ``before_configure`` runs before ``configure(c)``: where settings of the
+    service (``c.Reclaimer.*``) go, so that ``configure(c)`` forwards them."""
     run_dir = Path(tempfile.mkdtemp(prefix="gpushare-bench-hub-"))
-    hub = LocalHub(run_dir, cluster.kubeconfig, namespace, hub_config(plain, extra))
+    hub = LocalHub(
+        run_dir,
+        cluster.kubeconfig,
+        namespace,
+        hub_config(plain, extra),
+        before_configure=before_configure,
+    )
     try:
         # LocalHub.start blocks while it polls; keep our event loop free
         await asyncio.to_thread(hub.start)

@@ -49,6 +49,7 @@ class _Pod:
     user: str | None
     server: str | None
     ticket: str | None
+    deleting: bool = False  # being deleted: its slices free within seconds
 
 
 @dataclass
@@ -109,6 +110,7 @@ class ClusterView:
         self.changed_pools: set[str] = set()
         self.bound_tickets: set[str] = set()
         self.released: list[tuple[NodeKey, int]] = []
+        self.hub_pods_changed = False
         for resource in self.resources:
             self.add_pool(PoolSpec(resource))
 
@@ -253,6 +255,8 @@ class ClusterView:
             for resource in new.slices:
                 self.holders[(resource, new.node)][key] = pod
             return
+        if (old is not None and old.user is not None) or (new is not None and new.user):
+            self.hub_pods_changed = True
         if old is not None:
             del self.pods[key]
             self._unhold(key, old)
@@ -281,6 +285,7 @@ class ClusterView:
             user=user,
             server=(meta.get("labels") or {}).get(HUB_SERVER_LABEL, "") if user else None,
             ticket=annotations.get(TICKET_ANNOTATION),
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
     def _unhold(self, key: str, old: _Pod) -> None:
@@ -383,8 +388,11 @@ class ClusterView:
 
     def take_changes(self) -> Changes:
         """What changed since the last call, for the dispatcher to act on."""
-        changes = Changes(self.freed, self.changed_pools, self.bound_tickets, self.released)
+        changes = Changes(
+            self.freed, self.changed_pools, self.bound_tickets, self.released, self.hub_pods_changed
+        )
         self.freed, self.changed_pools, self.bound_tickets, self.released = set(), set(), set(), []
+        self.hub_pods_changed = False
         return changes
 
 
@@ -394,3 +402,4 @@ class Changes:
     pools: set[str]  # pools whose totals changed
     bound_tickets: set[str]  # admitted spawns whose pods are now bound
     released: list[tuple[NodeKey, int]]  # slices pods gave back
+    hub_pods: bool = False  # a pod of a hub user came, went or changed

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from traitlets.config import Config
 
+from .notices import add_announcements
 from .objects import GPUShareConfigError
 
 SERVICE_SCOPES = ["list:users", "read:users:activity", "read:servers"]
@@ -57,6 +58,7 @@ def configure(
     env["GPUSHARE_HUB_SECRET"] = secret
     env.update(environment or {})
 
+    _read_culler(c)
     service_config = _service_config(c)
     if service_config:
         env["GPUSHARE_SERVICE_CONFIG"] = service_config
@@ -76,7 +78,7 @@ def configure(
 
     roles = list(c.JupyterHub.load_roles) if "load_roles" in c.JupyterHub else []
     roles = [r for r in roles if r.get("name") != f"{name}-service"]
-    roles.append({"name": f"{name}-service", "scopes": SERVICE_SCOPES, "services": [name]})
+    roles.append({"name": f"{name}-service", "scopes": service_scopes(c), "services": [name]})
     access = f"access:services!service={name}"
     user_role = next((r for r in roles if r.get("name") == "user"), None)
     if user_role is not None:
@@ -96,7 +98,8 @@ def configure(
     paths = list(c.JupyterHub.template_paths) if "template_paths" in c.JupyterHub else []
     c.JupyterHub.template_paths = [templates, *[p for p in paths if p != templates]]
     template_vars = dict(c.JupyterHub.template_vars) if "template_vars" in c.JupyterHub else {}
-    c.JupyterHub.template_vars = {**template_vars, "gpushare_service": name}
+    # users whose GPU server was reclaimed read why on the hub's pages
+    c.JupyterHub.template_vars = add_announcements({**template_vars, "gpushare_service": name})
 
     if "spawner_class" not in c.JupyterHub:
         c.JupyterHub.spawner_class = "gpushare.GPUShareSpawner"
@@ -105,6 +108,65 @@ def configure(
     c.GPUShareSpawner.queue_url = f"http://127.0.0.1:{local_port}"
     c.GPUShareSpawner.queue_service_name = name
     c.GPUShareSpawner.queue_secret = secret
+
+
+def service_scopes(c: Config) -> list[str]:
+    """What the service may do at the hub: read who runs what, and, only with
+    reclaim on (not a dry run), stop servers. ``delete:servers`` is the
+    narrowest scope that stops a server on JupyterHub 5 and 6 alike (6 splits
+    ``servers`` into ``start:servers`` and ``delete:servers``; 5 has
+    ``delete:servers`` under ``servers``)."""
+    scopes = list(SERVICE_SCOPES)
+    reclaim = c.Reclaimer if "Reclaimer" in c else {}
+    if reclaim.get("enabled") and not reclaim.get("dry_run"):
+        scopes.append("delete:servers")
+    if reclaim.get("enabled") and reclaim.get("exempt_groups"):
+        scopes.append("read:users:groups")  # the groups in each user's model
+    return scopes
+
+
+CULLER_MODULES = ("jupyterhub_idle_culler", "jupyterhub-idle-culler")
+# the culler's command-line options that bear on when a slice frees up
+CULLER_OPTIONS = {
+    "--timeout": "culler_timeout_seconds",
+    "--cull-every": "culler_every_seconds",
+    "--max-age": "culler_max_age_seconds",
+}
+
+
+def _read_culler(c: Config) -> None:
+    """Tell the service what jupyterhub-idle-culler does (z2jh's ``cull.*``), from
+    the culler service's command line, unless the admin set it on ``c.Reclaimer``.
+
+    The service uses it for the wait estimate (the culler's timeout) and the
+    bound (its maximum age), and says in the docs how the two settings relate.
+    """
+    services = list(c.JupyterHub.services) if "services" in c.JupyterHub else []
+    for service in services:
+        command = [str(part) for part in service.get("command") or []]
+        if not any(m in part for part in command for m in CULLER_MODULES):
+            continue
+        found: dict[str, float | bool] = {"culler_timeout_seconds": 600.0}
+        every_given = False
+        spares = False
+        for part in command:
+            option, _, value = part.partition("=")
+            if option in CULLER_OPTIONS and value:
+                try:
+                    found[CULLER_OPTIONS[option]] = float(value)
+                except ValueError:
+                    continue
+                every_given = every_given or option == "--cull-every"
+            elif option in ("--cull-default-servers", "--cull-named-servers"):
+                spares = spares or value.lower() in ("false", "0", "no")
+        if not every_given or not found.get("culler_every_seconds"):
+            # the culler's own default: half its timeout
+            found["culler_every_seconds"] = found["culler_timeout_seconds"] // 2
+        found["culler_culls_every_server"] = not spares
+        for trait, value in found.items():
+            if trait not in c.Reclaimer:
+                c.Reclaimer[trait] = value
+        return
 
 
 def _move_spawn_limit(c: Config) -> None:
@@ -134,9 +196,16 @@ def _service_config(c: Config) -> str | None:
     if not found:
         return None
     try:
-        return json.dumps(found)
+        return json.dumps(found, default=_sets_as_lists)
     except TypeError as e:
         raise GPUShareConfigError(
             f"the gpushare service settings {sorted(found)} must be plain values "
             f"(numbers, strings, lists, dicts) to reach the service: {e}"
         ) from None
+
+
+def _sets_as_lists(value: object) -> list:
+    # c.Reclaimer.exempt_users = {"ann"}: a set in the config, a list in JSON
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

@@ -49,6 +49,8 @@ class Ticket:
     confirm_by: float | None = None
     held_until: float | None = None
     kept_place: bool = False  # took over the place of a spawn the hub dropped
+    joined_at: float | None = None  # when the service first had it in line
+    bound_at: float | None = None  # the earliest upper bound on its wait it was shown
 
     @property
     def order(self) -> tuple[float, str]:
@@ -76,6 +78,8 @@ class Ticket:
             "state": self.state,
             "node": self.node,
             "held_until": self.held_until,
+            "joined_at": self.joined_at,
+            "bound_at": self.bound_at,
         }
 
     @classmethod
@@ -98,7 +102,13 @@ class Ticket:
             state=state,
             node=data.get("node"),
             held_until=float(data["held_until"]) if data.get("held_until") else None,
+            joined_at=_time_or_none(data.get("joined_at")),
+            bound_at=_time_or_none(data.get("bound_at")),
         )
+
+
+def _time_or_none(value: object) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass
@@ -109,6 +119,12 @@ class Place:
     waiting: int
     reason: str | None = None
     slices_ahead: int = 0  # asked for by those ahead in the same pool
+    # asked for by those ahead in every pool that competes for the same nodes
+    rival_slices_ahead: int = 0
+    # someone ahead among those asks for more than one slice at once
+    multi_slice_ahead: bool = False
+    # someone ahead is a ticket read back after a restart, not confirmed yet
+    unconfirmed_ahead: bool = False
 
 
 @dataclass
@@ -170,6 +186,7 @@ class FairQueue:
         self.limits = limits or UserLimits()
         self.releases: dict[str, ReleaseClock] = {}
         self._line: list[Ticket] | None = None
+        self._held: list[Ticket] | None = None
         self._places: dict[str, Place] | None = None
         self._places_version = -1
         self._overlap: dict[tuple[str, str], bool] = {}
@@ -179,6 +196,7 @@ class FairQueue:
 
     def _changed(self) -> None:
         self._line = None
+        self._held = None
         self._places = None
         self.needs_admission = True
 
@@ -201,6 +219,7 @@ class FairQueue:
             return current
         self._check_limits(request)
         ticket = Ticket.from_request(request)
+        ticket.joined_at = now
         held = self._held_place(request)
         if held is not None:
             # the hub dropped this server's earlier spawn: it keeps that place
@@ -265,6 +284,7 @@ class FairQueue:
         ticket = self.tickets.pop(ticket_id, None)
         if ticket is not None:
             self._unbook(ticket)
+            self._held = None
             if ticket.state == WAITING:
                 self._changed()
             else:  # nobody's place changes; a released booking may let someone in
@@ -279,6 +299,7 @@ class FairQueue:
         self._unbook(ticket)
         ticket.state, ticket.node, ticket.admitted_at = HELD, None, None
         ticket.held_until = now + self.hold_seconds
+        ticket.bound_at = None  # a promise to a spawn that went away ends with it
         ticket.confirmed, ticket.confirm_by = True, None
         self._changed()
         return ticket
@@ -295,7 +316,9 @@ class FairQueue:
         return [t for t in self.tickets.values() if t.state == ADMITTED]
 
     def held(self) -> list[Ticket]:
-        return [t for t in self.tickets.values() if t.state == HELD]
+        if self._held is None:
+            self._held = [t for t in self.tickets.values() if t.state == HELD]
+        return self._held
 
     # -- bookings ----------------------------------------------------------------------
     def _book(self, ticket: Ticket, node: str, now: float) -> None:
@@ -431,6 +454,8 @@ class FairQueue:
         line_length = {k: sum(totals[q] for q in rivals[k]) for k in keys}
         seen = dict.fromkeys(keys, 0)
         slices_seen = dict.fromkeys(keys, 0)
+        multi_seen = dict.fromkeys(keys, False)
+        unconfirmed_seen = dict.fromkeys(keys, False)
         places = {}
         for ticket in line:
             key = ticket.pool.key
@@ -442,9 +467,14 @@ class FairQueue:
                 waiting=line_length[key],
                 reason=self._reasons.get(ticket.id),
                 slices_ahead=slices_seen[key],
+                rival_slices_ahead=sum(slices_seen[q] for q in rivals[key]),
+                multi_slice_ahead=any(multi_seen[q] for q in rivals[key]),
+                unconfirmed_ahead=any(unconfirmed_seen[q] for q in rivals[key]),
             )
             seen[key] += 1
             slices_seen[key] += ticket.slices
+            multi_seen[key] = multi_seen[key] or ticket.slices > 1
+            unconfirmed_seen[key] = unconfirmed_seen[key] or not ticket.confirmed
         self._places, self._places_version = places, self.view.membership_version
         return places
 

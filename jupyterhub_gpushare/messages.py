@@ -10,6 +10,8 @@ that they read in the hub's light and dark themes alike.
 
 from __future__ import annotations
 
+import math
+import time
 from html import escape
 from typing import TYPE_CHECKING
 
@@ -19,14 +21,29 @@ if TYPE_CHECKING:
 from .tickets import TicketStatus
 
 
-def format_wait(seconds: float | None) -> str:
-    if seconds is None:
+def format_wait(seconds: float | None, bound: float | None = None) -> str:
+    """ "about 4 minutes, at most 20": the estimate rounded, the bound rounded up
+    (it is a promise), each left out where unknown."""
+    if seconds is None and bound is None:
         return "unknown"
-    if seconds < 90:
-        return "about a minute"
-    if seconds < 3600:
-        return f"about {round(seconds / 60)} minutes"
-    return f"about {seconds / 3600:.1f} hours"
+    parts = []
+    if seconds is not None:
+        if seconds < 90:
+            parts.append("about a minute")
+        elif seconds < 3600:
+            parts.append(f"about {round(seconds / 60)} minutes")
+        else:
+            parts.append(f"about {seconds / 3600:.1f} hours")
+    if bound is not None:
+        minutes = max(math.ceil(bound / 60), 1)
+        if minutes >= 120:
+            at_most = f"{math.ceil(bound / 360) / 10:.1f} hours"
+        elif seconds is not None and 90 <= seconds < 3600:
+            at_most = str(minutes)  # "about 4 minutes, at most 20"
+        else:
+            at_most = f"{minutes} minute{'s' if minutes != 1 else ''}"
+        parts.append(f"at most {at_most}")
+    return ", ".join(parts)
 
 
 def gpu_name(pool: dict) -> str:
@@ -42,12 +59,15 @@ def _count(value: object) -> int:
         return 0
 
 
-def _wait_seconds(value: object) -> float | None:
+def _seconds_until(value: object, now: float) -> float | None:
+    """Seconds from ``now`` until a Unix time from the service's JSON (0 if past)."""
     try:
-        seconds = float(value)
+        moment = float(value)
     except (TypeError, ValueError):
         return None
-    return seconds if seconds >= 0 and seconds != float("inf") else None
+    if not math.isfinite(moment):
+        return None
+    return max(moment - now, 0.0)
 
 
 BAR_STYLE = (
@@ -57,8 +77,9 @@ BAR_STYLE = (
 )
 
 
-def queue_message(status: TicketStatus) -> dict:
+def queue_message(status: TicketStatus, now: float | None = None) -> dict:
     """A progress event (``message`` and ``html_message``) for a waiting spawn."""
+    now = time.time() if now is None else now
     pool = status.pool or {}
     free, total = _count(pool.get("slices_free")), _count(pool.get("slices_total"))
     name = gpu_name(pool)
@@ -67,7 +88,7 @@ def queue_message(status: TicketStatus) -> dict:
         text = "Waiting for a GPU slice: the GPU service is reading the cluster's GPU nodes"
         return {"message": text, "html_message": escape(text)}
     position, waiting = _count(status.position), _count(status.waiting)
-    wait = format_wait(_wait_seconds(status.eta_seconds))
+    wait = format_wait(_seconds_until(status.eta_at, now), _seconds_until(status.eta_bound_at, now))
     notes = []
     if status.kept_place:
         notes.append("You kept your place in line from before the hub restarted.")

@@ -74,3 +74,15 @@ class QueueClient:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
             raise QueueUnavailable(f"{e.__class__.__name__}: {e}") from e
         raise QueueUnavailable("the service closed the event stream")
+
+    async def reclaim_notice(
+        self, user: str, server: str, since: float | None = None
+    ) -> dict | None:
+        """Why the service is stopping this server, if it is reclaiming it just now
+        (a reclaim decided after ``since``, when the server started)."""
+        params = {"user": user, "server": server}
+        if since is not None:
+            params["since"] = str(since)
+        body = await self._request("GET", "reclaims", params=params)
+        reclaims = body.get("reclaims")
+        return reclaims[0] if isinstance(reclaims, list) and reclaims else None

@@ -12,6 +12,7 @@ import asyncio
 import copy
 import time
 import uuid
+from datetime import timezone
 
 import aiohttp
 from jupyterhub.utils import exponential_backoff, maybe_future, url_path_join
@@ -25,7 +26,7 @@ from . import messages, objects
 from ._version import __version__
 from .capacity import PoolSpec
 from .objects import GPUShare, GPUShareConfigError
-from .queueclient import QueueClient, QueueRefused, QueueRejected
+from .queueclient import QueueClient, QueueRefused, QueueRejected, QueueUnavailable
 from .queueplace import QueuePlace, QueueTimeout, StartGate
 from .tickets import TicketRequest, TicketStatus
 
@@ -564,9 +565,13 @@ class GPUShareSpawner(KubeSpawner):
 
     def _start_finished(self, future: asyncio.Future) -> None:
         START_GATE.leave(id(self), self.concurrent_start_limit)
+        failed = future.cancelled() or future.exception() is not None
+        if not failed:
+            # running again: the notice of its reclaim has been read (the hub
+            # saves the state once start() returns, after this callback)
+            self.reclaim_notice = None
         place = getattr(self, "_place", None)
         if place is not None:
-            failed = future.cancelled() or future.exception() is not None
             self._closing = asyncio.ensure_future(place.close("cancelled" if failed else "started"))
 
     def _queue_client(self) -> QueueClient:
@@ -648,7 +653,7 @@ class GPUShareSpawner(KubeSpawner):
         Runs once per open browser tab, so it only reads what the start task
         records and changes nothing.
         """
-        last = None
+        last = shown = None
         # The line ends when the spawn is admitted, goes ahead without the
         # queue, or needs no GPU; before it starts, the profile and Kubernetes
         # watches may still be loading.
@@ -657,9 +662,10 @@ class GPUShareSpawner(KubeSpawner):
             if place is None:
                 await asyncio.sleep(0.5)
                 continue
-            if place.view() != last:
-                last = place.view()
-                event = place.progress_event()
+            # also when only the time passed: the wait counts down by the minute
+            event = place.progress_event()
+            if place.view() != last or event != shown:
+                last, shown = place.view(), event
                 if event:
                     yield event
             await place.wait_for_change(1)
@@ -678,7 +684,56 @@ class GPUShareSpawner(KubeSpawner):
         if place is not None and not self._start_future_done():
             # Stop Server while waiting: leave the line at once
             await place.leave("cancelled")
-        return await super().stop(now=now)
+        started = self._started_at()
+        result = await super().stop(now=now)
+        await self._note_reclaim(started)
+        return result
+
+    # -- reclaimed servers ---------------------------------------------------------
+    # Why the gpushare service stopped this server, if it did (a dict of the
+    # service's api/reclaims): kept in the spawner's state, so that the user is
+    # told on their next visit, after a restart of the hub too, until the
+    # server runs again.
+    reclaim_notice: dict | None = None
+
+    def _started_at(self) -> float | None:
+        """When this server started (Unix time), as the hub recorded it."""
+        orm_spawner = getattr(self, "orm_spawner", None)
+        started = getattr(orm_spawner, "started", None)
+        if started is None:
+            return None
+        return started.replace(tzinfo=started.tzinfo or timezone.utc).timestamp()
+
+    async def _note_reclaim(self, started: float | None) -> None:
+        """Ask the service whether it is reclaiming this server (this run of it)."""
+        if not self.queue_url:
+            return
+        try:
+            notice = await self._queue_client().reclaim_notice(
+                self.user.name, self.name, since=started
+            )
+        except (QueueUnavailable, QueueRejected) as e:
+            self.log.debug("Could not ask the GPU service why %s stopped: %s", self._log_name, e)
+            return
+        if notice is not None:
+            self.reclaim_notice = notice
+            self.log.info(
+                "%s was reclaimed by the GPU service (idle for %.0fs while %s waited)",
+                self._log_name,
+                notice.get("idle_seconds") or 0,
+                notice.get("waiting"),
+            )
+
+    def get_state(self):
+        state = super().get_state()
+        if self.reclaim_notice:
+            state["gpushare_reclaim"] = self.reclaim_notice
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        notice = state.get("gpushare_reclaim")
+        self.reclaim_notice = notice if isinstance(notice, dict) else None
 
     # -- pods the device plugin rejected ----------------------------------------
     def is_pod_running(self, pod):

@@ -128,6 +128,8 @@ class TicketStatus:
     asked earlier, whatever their line; ``waiting`` is how many such spawns
     there are in all. ``pool`` is the pool's public summary (slice counts that
     exclude booked slices). ``reason`` says why a spawn at the head still waits.
+    ``eta_at`` and ``eta_bound_at`` are absolute times, so that a status does not
+    change (and is not sent again) merely because time passes.
     """
 
     ticket: str
@@ -136,8 +138,10 @@ class TicketStatus:
     position: int = 0
     waiting: int = 0
     pool: dict[str, Any] = field(default_factory=dict)
-    eta_seconds: float | None = None
-    eta_bound_seconds: float | None = None
+    # when the spawn should get its slices, and when at the latest (Unix times;
+    # eta_bound_at only where something guarantees it)
+    eta_at: float | None = None
+    eta_bound_at: float | None = None
     requested_at: float | None = None
     node: str | None = None
     reason: str | None = None
@@ -153,8 +157,8 @@ class TicketStatus:
         "position",
         "waiting",
         "pool",
-        "eta_seconds",
-        "eta_bound_seconds",
+        "eta_at",
+        "eta_bound_at",
         "reason",
         "kept_place",
         "held_until",

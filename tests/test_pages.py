@@ -674,10 +674,10 @@ def test_queue_message_escapes_everything():
         state="waiting",
         position=2,
         waiting=3,
-        eta_seconds=240,
+        eta_at=1000.0 + 240,
         pool={"slices_free": 1, "slices_total": 4, "products": ["<script>x</script>-SHARED"]},
     )
-    event = messages.queue_message(status)
+    event = messages.queue_message(status, now=1000.0)
     assert event["message"] == (
         "Waiting for a GPU slice: you are number 2 of 3 in line. 1 of 4 slices free on "
         "<script>x</script>. Estimated wait: about 4 minutes."
@@ -698,7 +698,8 @@ def test_queue_message_numbers_are_numbers():
             "state": "waiting",
             "position": "<b>1</b>",
             "waiting": None,
-            "eta_seconds": "soon",
+            "eta_at": "soon",
+            "eta_bound_at": float("nan"),
             "pool": {"slices_free": "<i>", "slices_total": 2.9},
             "reason": "<script>alert(1)</script>",
         }

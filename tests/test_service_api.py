@@ -86,6 +86,18 @@ MATRIX = [
         {"anonymous": 403, "user": 403, "other-user": 403, "admin": 200, "hub": 403},
     ),
     (
+        "GET",
+        "api/reclaims",
+        None,
+        {"anonymous": 403, "user": 200, "other-user": 200, "admin": 200, "hub": 200},
+    ),
+    (
+        "GET",
+        "api/reclaims?user=alice&since=not-a-time",
+        None,
+        {"anonymous": 403, "user": 200, "other-user": 200, "admin": 200, "hub": 400},
+    ),
+    (
         "POST",
         "api/tickets",
         "new",
@@ -161,7 +173,7 @@ async def test_users_never_see_other_users(hub, callers):
     await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("evil", user=EVIL))
     try:
         mine = (await call(hub, callers["user"], "GET", "api/queue")).json()
-        assert mine == {"entries": []}
+        assert mine["entries"] == [] and mine["holding"] == [] and mine["reclaims"] == []
         bobs = (await call(hub, callers["other-user"], "GET", "api/queue")).json()
         assert [e["ticket"] for e in bobs["entries"]] == ["bobs"]
         assert "user" not in bobs["entries"][0]

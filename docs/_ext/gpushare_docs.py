@@ -22,6 +22,7 @@ that the pages pull in with ``{include}``:
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import inspect
 import json
@@ -766,6 +767,28 @@ def screenshots_page() -> str:
     return "\n".join(parts)
 
 
+def class_day_page() -> str:
+    """The class-day benchmark's trace model (its docstring) and its latest figures."""
+    source = ROOT / "benchmarks" / "class_day.py"
+    model = ""
+    if source.exists():
+        docstring = ast.get_docstring(ast.parse(source.read_text())) or ""
+        model = "\n\n".join(docstring.split("\n\n")[1:])
+    results = RESULTS / "class_day.txt"
+    if not results.exists():
+        figures = (
+            "```{note}\nNo run in `benchmarks/results/class_day.*` yet: run "
+            "`python -m benchmarks class-day` and build the docs again.\n```\n"
+        )
+    else:
+        data = {}
+        with contextlib.suppress(ValueError, OSError):
+            data = json.loads((RESULTS / "class_day.json").read_text())
+        lead = f"Latest run: {data.get('date', '?')}, `{data.get('command', '')}`"
+        figures = f"{lead}\n\n```text\n{results.read_text()}```\n"
+    return f"{model}\n\n{figures}"
+
+
 def generate(app) -> None:
     write("options.md", options_page())
     write("commands.md", commands_page())
@@ -792,6 +815,7 @@ def generate(app) -> None:
     write("memory-example.md", memory_example())
     write("memory-spawn-message.md", memory_spawn_message())
     write("sharing-comparison.md", sharing_comparison())
+    write("results-class_day.md", class_day_page())
     write("screenshots.md", screenshots_page())
     throughput, latency = performance_tables()
     write("performance-throughput.md", throughput)

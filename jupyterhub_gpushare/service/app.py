@@ -33,6 +33,7 @@ from . import handlers, metrics, pages
 from .dispatcher import Dispatcher
 from .hubapi import HubAPI
 from .queuestore import QueueStore
+from .reclaimer import Reclaimer
 
 # where configure(c) puts the service's settings from the hub's configuration
 CONFIG_ENV = "GPUSHARE_SERVICE_CONFIG"
@@ -57,7 +58,7 @@ class GPUShareService(Application):
             "Write a default configuration file and exit.",
         ),
     }
-    classes = [Dispatcher, QueueStore, HubAPI, ResourceWatcher]
+    classes = [Dispatcher, Reclaimer, QueueStore, HubAPI, ResourceWatcher]
     # the hub's own log formatter family: it supplies %(color)s and %(end_color)s
     _log_formatter_cls = LogFormatter
 
@@ -175,6 +176,7 @@ class GPUShareService(Application):
             (url_path_join(api, "queue"), handlers.QueueHandler),
             (url_path_join(api, "nodes"), handlers.NodesHandler),
             (url_path_join(api, "activity"), handlers.ActivityHandler),
+            (url_path_join(api, "reclaims"), handlers.ReclaimsHandler),
             (url_path_join(api, "tickets"), handlers.TicketsHandler),
             (url_path_join(api, r"tickets/([^/]+)"), handlers.TicketHandler),
             (url_path_join(api, r"tickets/([^/]+)/events"), handlers.TicketEventsHandler),
@@ -220,18 +222,23 @@ class GPUShareService(Application):
 
     async def run(self) -> None:
         api = await clients.core_v1(self.kubeconfig)
-        dispatcher = Dispatcher(api, parent=self)
+        hub_api = HubAPI(parent=self)
+        dispatcher = Dispatcher(api, hub_api=hub_api, parent=self)
         dispatcher.start()
         metrics.register(dispatcher.snapshot)
-        app = self.make_app(dispatcher, HubAPI(parent=self))
+        app = self.make_app(dispatcher, hub_api)
         server = HTTPServer(
             app,
             xheaders=self.trust_xheaders,
             # bodies are tiny JSON; anything bigger is refused before it is read
             max_body_size=handlers.MAX_BODY_BYTES,
-            # clients that send nothing (or headers byte by byte) are let go
+            # clients that send nothing (or headers byte by byte) are let go ...
             idle_connection_timeout=30,
             body_timeout=10,
+            # ... and no connection is kept open between requests: the proxy
+            # would otherwise reuse one that this timeout has just closed, and
+            # answer that request with a 503
+            no_keep_alive=True,
         )
         server.listen(self.port, self.ip)
         self.log.info(

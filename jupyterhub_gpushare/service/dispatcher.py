@@ -30,8 +30,10 @@ from ..objects import PRODUCT_LABEL
 from ..tickets import ADMITTED, GONE, HELD, WAITING, TicketRequest, TicketStatus
 from ..watch import node_watcher, pod_watcher
 from . import metrics
+from .hubapi import HubAPI
 from .notifier import Follower, Notifier
 from .queuestore import QueueStore
+from .reclaimer import Reclaimer
 
 # what users are told while the service cannot see the cluster (admins see why)
 NOT_READY = "the GPU service is reading the cluster's GPU nodes"
@@ -114,7 +116,7 @@ class Dispatcher(LoggingConfigurable):
         """,
     )
 
-    def __init__(self, api: client.CoreV1Api, **kwargs) -> None:
+    def __init__(self, api: client.CoreV1Api, hub_api: HubAPI | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.view = ClusterView(self.resources)
         self.queue = FairQueue(
@@ -133,6 +135,15 @@ class Dispatcher(LoggingConfigurable):
         self._summaries: dict[str, dict] = {}  # what waiting users see of each pool
         self._save_handle: asyncio.TimerHandle | None = None
         self._housekeeping: asyncio.Task | None = None
+        self.housekeeping_seconds = max(min(self.reconnect_seconds / 5, 2.0), 0.2)
+        self.reclaimer = Reclaimer(
+            self.view,
+            self.queue,
+            hub_api,
+            loop_seconds=self.housekeeping_seconds,
+            on_change=self._outlooks_changed,
+            parent=self,
+        )
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +152,7 @@ class Dispatcher(LoggingConfigurable):
         self.nodes.start()
         self.pods.start()
         self._housekeeping = asyncio.ensure_future(self._housekeeping_loop())
+        self.log.info("Reclaim of idle GPU servers: %s", self.reclaimer.describe())
 
     async def stop(self) -> None:
         if self._housekeeping:
@@ -166,6 +178,7 @@ class Dispatcher(LoggingConfigurable):
             self.view.replace_nodes(objects)
         else:
             self.view.replace_pods(objects)
+        self.reclaimer.changed()
         self._publish_all = True
         self._soon()
 
@@ -183,6 +196,11 @@ class Dispatcher(LoggingConfigurable):
         self._publish_all = True
         self._soon()
 
+    def _outlooks_changed(self) -> None:
+        # new activity or deadlines: every waiting spawn's estimate may differ
+        self._publish_all = True
+        self._soon()
+
     def _soon(self) -> None:
         # a burst of events (a re-list, many pods at once) makes one cycle
         if not self._cycle_scheduled:
@@ -196,6 +214,11 @@ class Dispatcher(LoggingConfigurable):
         changes = self.view.take_changes()
         for key in changes.pools:
             self._summaries.pop(key, None)
+        # what reclaim works out from the holders: again only when they changed
+        if changes.hub_pods:
+            self.reclaimer.changed()
+        elif changes.pools:
+            self.reclaimer.pools_changed(changes.pools)
         for (resource, node), slices in changes.released:
             pools = [k for k in self.view.pools_of(node) if self.view.pools[k].resource == resource]
             self.queue.record_release(pools, now, slices)
@@ -324,9 +347,14 @@ class Dispatcher(LoggingConfigurable):
                 place.waiting,
                 place.reason,
             )
-            eta = self.queue.estimated_wait(ticket_id, place)
-            # to the 10 s: finer changes show no difference on the page
-            status.eta_seconds = None if eta is None else round(eta, -1)
+            outlook = self.reclaimer.outlook(ticket, self.reconnect_seconds, time.time())
+            if outlook.bound_at is not None:
+                # every bound shown is a promise: a later, looser one never replaces it
+                ticket.bound_at = min(ticket.bound_at or outlook.bound_at, outlook.bound_at)
+            status.eta_bound_at = ticket.bound_at
+            status.eta_at = outlook.eta_at
+            if status.eta_at is not None and ticket.bound_at is not None:
+                status.eta_at = min(status.eta_at, ticket.bound_at)
         elif ticket.state == ADMITTED:
             status.node = ticket.node
         elif ticket.state == HELD:
@@ -350,6 +378,7 @@ class Dispatcher(LoggingConfigurable):
             raise
         self.notifier.watch(ticket.id, now)
         if not known:
+            self.reclaimer.joined(ticket, now)
             self.log.info(
                 "%s joined the %s line: %s, %d slices%s",
                 ticket.id,
@@ -386,9 +415,8 @@ class Dispatcher(LoggingConfigurable):
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _housekeeping_loop(self) -> None:
-        interval = max(min(self.reconnect_seconds / 5, 2.0), 0.2)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.housekeeping_seconds)
             try:
                 self.housekeeping(time.time())
             except Exception:  # never let one bad turn end the loop for good
@@ -396,7 +424,7 @@ class Dispatcher(LoggingConfigurable):
 
     def housekeeping(self, now: float) -> None:
         """Spawns that went away lose their bookings; held places run out; unused
-        bookings expire."""
+        bookings expire; idle servers are reclaimed for those who wait."""
         changed = False
         for ticket_id in self.notifier.alone(self.reconnect_seconds, now):
             ticket = self.queue.tickets.get(ticket_id)
@@ -423,6 +451,7 @@ class Dispatcher(LoggingConfigurable):
         if changed:
             self._save_soon()
         self.cycle()
+        self.reclaimer.tick(now)
 
     # -- reading -------------------------------------------------------------------------------
     def pools(self) -> Iterable[PoolSpec]:

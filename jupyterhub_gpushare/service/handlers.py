@@ -15,7 +15,6 @@ Every refusal is a 4xx with a JSON body.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
@@ -28,9 +27,9 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..fairqueue import LimitReached
+from ..reclaim import waiting_by_pool
 from ..tickets import GONE, HUB_SECRET_HEADER, TicketError, TicketRequest
 from .dispatcher import NOT_READY
-from .hubapi import HubAPIError
 
 # The largest request body the service reads: a ticket is a few hundred bytes.
 MAX_BODY_BYTES = 64 * 1024
@@ -160,13 +159,26 @@ class CapacityHandler(BaseHandler):
 
 
 class QueueHandler(BaseHandler):
-    """The caller's own queue entries; admins get the whole queue with names."""
+    """The caller's own queue entries, GPU servers and recent reclaims; admins get
+    the whole queue with names (their ``holding`` and ``reclaims`` stay their own)."""
 
     access = {"GET": frozenset({USER})}
 
-    def get(self) -> None:
+    async def get(self) -> None:
         d = self.dispatcher
         name = self.current_user["name"]
+        reclaimer = d.reclaimer
+        if reclaimer.enabled and any(h.user == name for h in reclaimer.holdings()):
+            # the page shows how long the caller's server has been idle: a minute
+            # old is fine, none at all is not
+            reclaimer.looked_at()
+            await reclaimer.fresh_activity(max_age=60)
+        now = time.time()
+        holding = [
+            {"server": h.server, "slices": h.slices, **reclaimer.holding_json(h, now)}
+            for h in reclaimer.holdings()
+            if h.user == name
+        ]
         entries = []
         for ticket in sorted(d.queue.tickets.values(), key=lambda t: t.order):
             if not (self.is_admin or ticket.user == name):
@@ -179,7 +191,16 @@ class QueueHandler(BaseHandler):
             if self.is_admin:
                 entry["user"] = ticket.user
             entries.append(entry)
-        self.write_json({"entries": entries})
+        reclaims = [r.public() for r in reclaimer.history if r.user == name]
+        self.write_json(
+            {
+                "now": now,
+                "entries": entries,
+                "holding": holding,
+                "reclaims": reclaims[-5:],
+                "reclaim": reclaimer.settings_json(),
+            }
+        )
 
 
 class NodesHandler(BaseHandler):
@@ -187,8 +208,14 @@ class NodesHandler(BaseHandler):
 
     access = {"GET": frozenset({ADMIN})}
 
-    def get(self) -> None:
+    async def get(self) -> None:
         d = self.dispatcher
+        # idle times and reclaim deadlines beside each holder: as fresh as reclaim's
+        d.reclaimer.looked_at()
+        await d.reclaimer.fresh_activity(max_age=d.reclaimer.activity_refresh_seconds)
+        now = time.time()
+        judged = {(h.pod, h.resource): h for h in d.reclaimer.holdings()}
+        waiting = waiting_by_pool(d.queue.waiting())
         nodes = []
         for resource in d.resources:
             for node in sorted(d.view.capacities(resource).values(), key=lambda n: n.name):
@@ -214,12 +241,28 @@ class NodesHandler(BaseHandler):
                                 "pod": h.pod,
                                 "slices": h.slices,
                                 "since": h.since,
+                                **self._reclaim(
+                                    judged.get((f"{h.namespace}/{h.pod}", resource)), waiting
+                                ),
                             }
                             for h in node.holders
                         ],
                     }
                 )
-        self.write_json({"ready": d.ready, "problem": self.problem(), "nodes": nodes})
+        self.write_json(
+            {
+                "now": now,
+                "ready": d.ready,
+                "problem": self.problem(),
+                "reclaim": d.reclaimer.settings_json(),
+                "nodes": nodes,
+            }
+        )
+
+    def _reclaim(self, holding, waiting) -> dict:
+        if holding is None:  # not a hub user's server: reclaim never touches it
+            return {}
+        return self.dispatcher.reclaimer.holding_json(holding, time.time(), waiting)
 
 
 class TicketsHandler(BaseHandler):
@@ -316,41 +359,73 @@ class NotFoundHandler(BaseHandler):
 class ActivityHandler(BaseHandler):
     """When the hub last saw each active user and server: admins only.
 
-    The admin panel shows it beside who holds which slice. The hub is asked at
-    most once per ``cache_seconds`` however many panels poll.
+    The admin panel shows it beside who holds which slice. It is the reclaimer's
+    copy of the hub's activity: the hub is asked at most once per
+    ``cache_seconds`` however many panels poll, and not twice for reclaim.
     """
 
     access = {"GET": frozenset({ADMIN})}
     cache_seconds = 10.0
-    _cache: tuple[float, dict] | None = None
-    _inflight: asyncio.Future | None = None  # the fetch every panel asking meanwhile awaits
 
     async def get(self) -> None:
-        self.write_json({"now": time.time(), **await self.activity()})
-
-    async def activity(self) -> dict:
-        cls = type(self)
-        if cls._cache is not None and time.monotonic() - cls._cache[0] < cls.cache_seconds:
-            return cls._cache[1]
-        if cls._inflight is None or cls._inflight.done():
-            cls._inflight = asyncio.ensure_future(self._fetch())
-        result = await asyncio.shield(cls._inflight)
-        cls._cache = (time.monotonic(), result)
-        return result
-
-    async def _fetch(self) -> dict:
-        hub = self.settings["hub_api"]
-        users = {}
-        try:
-            async for user in hub.users(state="active"):
-                users[user["name"]] = {
-                    "last_activity": user.get("last_activity"),
-                    "servers": {
-                        name: server.get("last_activity")
-                        for name, server in (user.get("servers") or {}).items()
-                    },
+        reclaimer = self.dispatcher.reclaimer
+        reclaimer.looked_at()
+        await reclaimer.fresh_activity(self.cache_seconds)
+        if reclaimer.activity_problem is not None and reclaimer.activity_at is None:
+            self.write_json(
+                {
+                    "now": time.time(),
+                    "available": False,
+                    "problem": "the hub did not answer",
+                    "users": {},
                 }
-        except HubAPIError as e:  # the panel still shows everything else
-            hub.log.warning("Could not read users' activity from the hub: %s", e)
-            return {"available": False, "problem": "the hub did not answer", "users": {}}
-        return {"available": True, "fetched_at": time.time(), "users": users}
+            )
+            return
+        users: dict[str, dict] = {
+            name: {"last_activity": seen, "servers": {}}
+            for name, seen in reclaimer.user_activity.items()
+        }
+        for (user, server), seen in reclaimer.activity.items():
+            users.setdefault(user, {"last_activity": None, "servers": {}})
+            users[user]["servers"][server] = seen.last_activity
+        self.write_json(
+            {
+                "now": time.time(),
+                "available": True,
+                "fetched_at": reclaimer.activity_at,
+                "users": users,
+            }
+        )
+
+
+class ReclaimsHandler(BaseHandler):
+    """Recent reclaims: who, when, idle for how long, how many waited.
+
+    Admins see every one, users their own (without node names); the hub's
+    spawners ask, with ``?user=&server=``, why a server is being stopped.
+    """
+
+    access = {"GET": frozenset({HUB, USER})}
+
+    def get(self) -> None:
+        reclaimer = self.dispatcher.reclaimer
+        user = self.get_argument("user", None)
+        server = self.get_argument("server", None)
+        if self.is_hub and user is not None:
+            try:
+                since = float(self.get_argument("since", "0"))
+            except ValueError:
+                raise APIError(400, "since must be a Unix time") from None
+            record = reclaimer.notice_for(user, server or "", time.time(), since)
+            self.write_json({"reclaims": [record.to_json()] if record else []})
+            return
+        if self.is_hub or self.is_admin:
+            records = [
+                r.to_json()
+                for r in reclaimer.history
+                if (user is None or r.user == user) and (server is None or r.server == server)
+            ]
+        else:
+            name = self.current_user["name"]
+            records = [r.public() for r in reclaimer.history if r.user == name]
+        self.write_json({"reclaim": reclaimer.settings_json(), "reclaims": list(reversed(records))})

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import url_concat
@@ -20,7 +21,11 @@ from traitlets.config import LoggingConfigurable
 
 
 class HubAPIError(Exception):
-    """The hub did not answer, or answered with an error."""
+    """The hub did not answer (``status`` None), or answered with an error status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class HubAPI(LoggingConfigurable):
@@ -53,6 +58,12 @@ class HubAPI(LoggingConfigurable):
         self, method: str, path: str, params: dict | None = None, timeout: float = 10
     ) -> Any:
         """One request; the decoded JSON body, or None for an empty one."""
+        _, body = await self._fetch(method, path, params, timeout)
+        return json.loads(body) if body else None
+
+    async def _fetch(
+        self, method: str, path: str, params: dict | None, timeout: float
+    ) -> tuple[int, bytes]:
         url = url_concat(self.api_url.rstrip("/") + "/" + path.lstrip("/"), params or {})
         request = HTTPRequest(
             url,
@@ -70,10 +81,10 @@ class HubAPI(LoggingConfigurable):
             try:
                 response = await AsyncHTTPClient().fetch(request)
             except HTTPClientError as e:
-                raise HubAPIError(f"{method} {path}: {e.code} {e.message}") from None
+                raise HubAPIError(f"{method} {path}: {e.code} {e.message}", e.code) from None
             except OSError as e:
                 raise HubAPIError(f"{method} {path}: the hub did not answer ({e})") from None
-        return json.loads(response.body) if response.body else None
+        return response.code, response.body
 
     async def users(self, state: str = "active") -> AsyncIterator[dict]:
         """Every user with servers in ``state`` ('active', 'ready', 'inactive'), page by page."""
@@ -90,3 +101,30 @@ class HubAPI(LoggingConfigurable):
             if not following or not items:
                 return
             offset = int(following.get("offset", offset + len(items)))
+
+    async def user(self, name: str) -> dict | None:
+        """One user's model with their servers; None if there is no such user."""
+        try:
+            return await self.request("GET", f"users/{quote(name, safe='')}")
+        except HubAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def stop_server(self, user: str, server: str = "", timeout: float = 30) -> int:
+        """Ask the hub to stop a server, as ``DELETE /users/:name/server`` does.
+
+        Returns the hub's answer: 204 stopped, 202 stopping (slow to stop, or
+        already being stopped by someone else, such as the idle culler), 404 no
+        such user or server. Needs the ``delete:servers`` scope.
+        """
+        path = f"users/{quote(user, safe='')}/" + (
+            f"servers/{quote(server, safe='')}" if server else "server"
+        )
+        try:
+            code, _ = await self._fetch("DELETE", path, None, timeout)
+        except HubAPIError as e:
+            if e.status == 404:
+                return 404
+            raise
+        return code

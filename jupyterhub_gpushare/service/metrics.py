@@ -49,6 +49,39 @@ QUEUE_WAIT = Histogram(
     buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, float("inf")),
 )
 
+# why a server was reclaimed (idle for the idle time, or held past the maximum
+# hold time while others waited), and what came of it: stopped; dry_run (only
+# reported); skipped (its user came back, or it was already stopping or gone,
+# when the service looked again just before stopping it); failed (the hub
+# refused or did not answer)
+RECLAIM_REASONS = ("idle", "max_hold")
+RECLAIM_OUTCOMES = ("stopped", "dry_run", "skipped", "failed")
+
+SERVERS_RECLAIMED = Counter(
+    "gpushare_servers_reclaimed",
+    "GPU servers stopped (or, in a dry run, found) to free slices for waiting users, "
+    "by why and what came of it",
+    ["reason", "outcome"],
+    namespace=PREFIX,
+)
+for _reason in RECLAIM_REASONS:
+    for _outcome in RECLAIM_OUTCOMES:
+        SERVERS_RECLAIMED.labels(reason=_reason, outcome=_outcome)
+
+IDLE_SLICES_HELD = Counter(
+    "gpushare_idle_slices_held_seconds",
+    "Slice-seconds held by servers idle for longer than the reclaim idle time while "
+    "someone waited whom those slices could serve (counted whether reclaim is on or not)",
+    namespace=PREFIX,
+)
+
+RECLAIMED_USERS_RETURNED = Counter(
+    "gpushare_reclaimed_users_returned",
+    "Reclaimed servers whose user started them again within 5 minutes (reclaims that "
+    "were perhaps too eager)",
+    namespace=PREFIX,
+)
+
 
 @dataclass
 class NodeSlices:

@@ -1,5 +1,5 @@
 // The gpushare pages. They show only what the service's JSON API returns
-// (api/capacity, api/queue, api/nodes, api/activity), and every value goes into
+// (api/capacity, api/queue, api/nodes, api/activity, api/reclaims), and every value goes into
 // the page as text (textContent, text nodes, attributes set one by one), never
 // as markup: user and server names are whatever the authenticator allowed.
 (function () {
@@ -75,11 +75,42 @@
     return Math.floor(hours / 24) + " d " + (hours % 24) + " h";
   }
 
-  function estimate(seconds) {
-    if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "unknown";
-    if (seconds < 90) return "about a minute";
-    if (seconds < 3600) return "about " + Math.round(seconds / 60) + " minutes";
-    return "about " + (seconds / 3600).toFixed(1) + " hours";
+  // "about 4 minutes, at most 20": the estimate rounded, the bound (a promise)
+  // rounded up; both are Unix times in the API, counted from the service's now
+  function estimate(entry, now) {
+    const until = (t) => (typeof t === "number" && Number.isFinite(t) ? Math.max(t - now, 0) : null);
+    const eta = until(entry.eta_at);
+    const bound = until(entry.eta_bound_at);
+    if (eta === null && bound === null) return "unknown";
+    const parts = [];
+    if (eta !== null) {
+      if (eta < 90) parts.push("about a minute");
+      else if (eta < 3600) parts.push("about " + Math.round(eta / 60) + " minutes");
+      else parts.push("about " + (eta / 3600).toFixed(1) + " hours");
+    }
+    if (bound !== null) {
+      const minutes = Math.max(Math.ceil(bound / 60), 1);
+      if (minutes >= 120) parts.push("at most " + (Math.ceil(bound / 360) / 10).toFixed(1) + " hours");
+      else if (eta !== null && eta >= 90 && eta < 3600) parts.push("at most " + minutes);
+      else parts.push("at most " + plural(minutes, "minute"));
+    }
+    return parts.join(", ");
+  }
+
+  // what reclaim makes of one GPU server: how long it has been idle, and when it
+  // would be stopped for someone waiting
+  function reclaimText(holding, settings, now) {
+    const idle = Number.isFinite(holding.idle_seconds) ? "idle " + duration(holding.idle_seconds) : "idle: unknown";
+    if (!settings || !settings.enabled) return idle;
+    const verb = settings.dry_run ? "would be reclaimed" : "reclaimed";
+    if (holding.exempt) return idle + " · never reclaimed (" + holding.exempt + ")";
+    if (holding.stopping) return idle + " · stopping";
+    if (holding.reclaim_now) return idle + " · " + (settings.dry_run ? "would be reclaimed now (dry run)" : "being reclaimed now");
+    const at = holding.reclaim_at;
+    if (typeof at !== "number" || !Number.isFinite(at)) return idle;
+    const waiting = holding.waiting || 0;
+    if (at <= now) return idle + " · " + verb + " as soon as someone waits for its slice";
+    return idle + " · " + verb + " in " + duration(at - now) + (waiting ? " if someone still waits" : " if someone waits by then");
   }
 
   // ISO 8601 (pods, the hub) or Unix seconds (the queue) to Unix seconds
@@ -170,9 +201,45 @@
   // -- the user's view -------------------------------------------------------------
   function renderUser(capacity, queue) {
     const pools = capacity.pools || [];
+    const now = Number.isFinite(queue.now) ? queue.now : Date.now() / 1000;
     const mine = (queue.entries || []).filter((e) => e.state === "waiting");
     const starting = (queue.entries || []).filter((e) => e.state === "admitted");
+    const settings = queue.reclaim || {};
     const parts = [];
+
+    const holding = queue.holding || [];
+    if (holding.length) {
+      parts.push(h("h2", {}, "Your GPU servers"));
+      for (const server of holding) {
+        const lines = [
+          h("span", {}, "Server: " + serverName(server.server) + " · " + plural(server.slices, "slice") + " · " + reclaimText(server, settings, now)),
+        ];
+        if (settings.enabled && !server.exempt && !settings.dry_run) {
+          const waiting = server.waiting || 0;
+          lines.push(
+            h(
+              "span",
+              { class: "gs-muted" },
+              (waiting ? plural(waiting, "person is", "people are") + " waiting for a GPU slice now. " : "") +
+                "A GPU server idle for " + duration(settings.idle_seconds) + " is stopped when someone waits for its slice; your files are kept."
+            )
+          );
+        }
+        parts.push(h("div", { class: "gs-place", "data-gs": "my-server", "data-server": server.server }, h("span", { class: "gs-place-text" }, lines)));
+      }
+    }
+    for (const record of queue.reclaims || []) {
+      if (record.outcome !== "stopped" && record.outcome !== "stopping") continue;
+      parts.push(
+        h(
+          "p",
+          { class: "gs-warning", "data-gs": "my-reclaim" },
+          "Your " + (record.server ? "server " + record.server : "server") + " was stopped " + duration(now - record.at) + " ago to free its GPU slice: " +
+            (record.reason === "max-hold" ? "it had held the slice for " + duration(record.held_seconds || 0) : "it had been idle for " + duration(record.idle_seconds)) +
+            " while " + plural(record.waiting, "person", "people") + " waited. Your files are kept."
+        )
+      );
+    }
 
     parts.push(h("h2", {}, "Your place in line"));
     if (mine.length) {
@@ -186,7 +253,7 @@
               "span",
               { class: "gs-place-text" },
               h("span", {}, "of " + entry.waiting + " in line for " + poolLabel(entry.pool || {})),
-              h("span", { class: "gs-muted" }, "Server: " + serverName(entry.server) + " · estimated wait: " + estimate(entry.eta_seconds))
+              h("span", { class: "gs-muted", "data-gs": "my-wait" }, "Server: " + serverName(entry.server) + " · estimated wait: " + estimate(entry, now))
             )
           )
         );
@@ -221,7 +288,7 @@
   }
 
   // -- the admins' panel -------------------------------------------------------------
-  function renderPanel(capacity, queue, nodes, activity) {
+  function renderPanel(capacity, queue, nodes, activity, reclaims) {
     // durations against the service's clock, not the browser's
     const now = Number.isFinite(activity.now) ? activity.now : Date.now() / 1000;
     // a Map, so that no user name can reach the prototype of a plain object
@@ -231,6 +298,7 @@
     const waiting = entries.filter((e) => e.state === "waiting");
     const starting = entries.filter((e) => e.state === "admitted");
     const sum = (key) => nodeList.reduce((acc, n) => acc + (Number(n[key]) || 0), 0);
+    const settings = nodes.reclaim || {};
     const parts = [];
 
     parts.push(
@@ -248,6 +316,7 @@
     const notes = ["Updated " + new Date().toLocaleTimeString()];
     if (!activity.available) notes.push("user activity unavailable" + (activity.problem ? ": " + activity.problem : ""));
     if (capacity.ready === false) notes.push("still reading the cluster" + (capacity.problem ? ": " + capacity.problem : ""));
+    notes.push("reclaim of idle GPU servers: " + (settings.description || "off"));
     parts.push(h("p", { class: "gs-muted gs-updated" }, notes.join(" · ")));
 
     parts.push(h("h2", {}, "Nodes"));
@@ -279,9 +348,14 @@
           h("td", {}, isHub ? serverName(holder.server) : holder.namespace + "/" + holder.pod),
           h("td", { class: "gs-num" }, holder.slices),
           h("td", {}, ago(holder.since, now)),
-          h("td", {}, isHub ? ago(last, now) : h("span", { class: "gs-muted" }, "—"))
+          h("td", {}, isHub ? ago(last, now) : h("span", { class: "gs-muted" }, "—")),
+          settings.enabled
+            ? h("td", { "data-gs": "reclaim" }, isHub && holder.idle_seconds !== undefined ? reclaimText(holder, settings, now) : h("span", { class: "gs-muted" }, "never (not a hub server)"))
+            : null
         );
       });
+      const columns = ["User", "Server", "Slices", "Since", "Last activity"];
+      if (settings.enabled) columns.push("Reclaim");
       parts.push(
         h(
           "article",
@@ -301,7 +375,7 @@
             h("span", { class: "gs-bar-label", "data-gs": "node-usage" }, usage)
           ),
           holders.length
-            ? table(["User", "Server", "Slices", "Since", "Last activity"], holders, "gs-holders")
+            ? table(columns, holders, "gs-holders")
             : h("p", { class: "gs-muted" }, "No one holds a slice.")
         )
       );
@@ -327,7 +401,7 @@
           h("td", {}, serverName(entry.server)),
           h("td", { class: "gs-num" }, entry.slices),
           h("td", {}, duration(now - unixTime(entry.requested_at))),
-          h("td", {}, entry.state === "waiting" ? estimate(entry.eta_seconds) : "on " + (entry.node || "a node"))
+          h("td", {}, entry.state === "waiting" ? estimate(entry, now) : "on " + (entry.node || "a node"))
         )
       );
       const inLine = group.entries.filter((e) => e.state === "waiting").length;
@@ -345,6 +419,28 @@
         )
       );
     }
+
+    const recent = (reclaims && reclaims.reclaims) || [];
+    if (settings.enabled || recent.length) {
+      parts.push(h("h2", {}, "Recent reclaims"));
+      if (!recent.length) parts.push(h("p", { class: "gs-muted", "data-gs": "no-reclaims" }, "No server has been reclaimed."));
+      else {
+        const rows = recent.slice(0, 20).map((r) =>
+          h(
+            "tr",
+            { "data-reclaim": r.user, "data-outcome": r.outcome },
+            h("td", {}, ago(r.at, now)),
+            h("td", { class: "gs-user" }, r.user),
+            h("td", {}, serverName(r.server)),
+            h("td", {}, duration(r.idle_seconds)),
+            h("td", { class: "gs-num" }, r.waiting),
+            h("td", {}, r.reason === "max-hold" ? "held " + duration(r.held_seconds || 0) : "idle"),
+            h("td", {}, r.outcome + (r.detail ? " (" + r.detail + ")" : ""))
+          )
+        );
+        parts.push(table(["When", "User", "Server", "Idle for", "Waiting", "Why", "What happened"], rows, "gs-reclaims"));
+      }
+    }
     return parts;
   }
 
@@ -357,13 +453,14 @@
       const [capacity, queue] = await Promise.all([api("capacity"), api("queue")]);
       return renderUser(capacity, queue);
     }
-    const [capacity, queue, nodes, activity] = await Promise.all([
+    const [capacity, queue, nodes, activity, reclaims] = await Promise.all([
       api("capacity"),
       api("queue"),
       api("nodes"),
       api("activity"),
+      api("reclaims"),
     ]);
-    return renderPanel(capacity, queue, nodes, activity);
+    return renderPanel(capacity, queue, nodes, activity, reclaims);
   }
 
   async function refresh() {
