@@ -211,9 +211,7 @@ class FairQueue:
         current = self.tickets.get(request.id)
         if current is not None:
             current.requested_at = min(current.requested_at, request.requested_at)
-            current.confirmed, current.confirm_by = True, None
-            if current.state == HELD:
-                current.state, current.held_until = WAITING, None
+            self.confirm(request.id)
             if request.admitted and current.state == WAITING:
                 self._rebook(current, now)
             return current
@@ -273,12 +271,23 @@ class FairQueue:
                 "profile with fewer slices."
             )
 
-    def confirm(self, ticket_id: str) -> None:
-        """Its spawn showed up (it follows the ticket again after a restart)."""
+    def confirm(self, ticket_id: str) -> bool:
+        """Its spawn showed up (it joins or follows the ticket again): it is alive.
+
+        A held ticket waits again at its old place: its spawn was only slow to
+        follow it (a hub busy with a class pressing Start at once), or lost the
+        connection for a while. True when the ticket was held.
+        """
         ticket = self.tickets.get(ticket_id)
-        if ticket is not None and not ticket.confirmed:
+        if ticket is None:
+            return False
+        was_held = ticket.state == HELD
+        if was_held:
+            ticket.state, ticket.held_until = WAITING, None
+        if was_held or not ticket.confirmed:
             ticket.confirmed, ticket.confirm_by = True, None
             self._changed()
+        return was_held
 
     def leave(self, ticket_id: str) -> Ticket | None:
         ticket = self.tickets.pop(ticket_id, None)
@@ -346,9 +355,11 @@ class FairQueue:
 
     # -- admission -------------------------------------------------------------------
     def settle(self, bound: Iterable[str], now: float) -> list[Ticket]:
-        """Forget admitted spawns whose pod is now bound (the pod holds the slices
-        from now on) or that did not use their booking in time."""
-        done = [t for t in (self.tickets.get(i) for i in bound) if t and t.state == ADMITTED]
+        """Forget spawns whose pod is now bound (the pod holds the slices from now
+        on, whatever the ticket's state: one held while its spawn was slow to
+        follow it may have been admitted before) and admitted spawns that did not
+        use their booking in time."""
+        done = [t for t in (self.tickets.get(i) for i in bound) if t is not None]
         done += [
             t
             for t in self.admitted()

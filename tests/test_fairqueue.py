@@ -145,6 +145,33 @@ def test_held_place_is_kept_for_the_same_server_and_then_lost():
     assert ids(left) == ["t1"]
 
 
+def test_a_spawn_that_follows_again_takes_its_held_place_back():
+    q = cluster(node("a", 1))
+    q.view.apply_pod("ns/holder", pod("holder", "a"))
+    q.join(request(0, user="ann"), now=0)
+    q.join(request(1, user="ben"), now=1)
+    # ann's spawn was slow to follow its ticket (a hub busy with a class)
+    q.hold("t0", now=20)
+    assert q.places()["t1"].position == 1
+    assert q.confirm("t0") is True  # it follows now: it is alive
+    assert q.tickets["t0"].state == WAITING
+    assert [q.places()[t].position for t in ("t0", "t1")] == [1, 2]
+    assert q.confirm("t0") is False  # nothing more to take back
+    q.view.apply_pod("ns/holder", None)
+    assert ids(q.admit(now=30)) == ["t0"]
+
+
+def test_a_bound_pod_ends_its_ticket_whatever_its_state():
+    q = cluster(node("a", 2))
+    q.join(request(0), now=0)
+    assert ids(q.admit(now=0)) == ["t0"]
+    q.hold("t0", now=20)  # admitted, then slow to follow: its booking is gone
+    q.confirm("t0")  # back, waiting again at its place
+    q.view.apply_pod("ns/p0", pod("p0", "a", ticket="t0"))  # its pod was created anyway
+    assert ids(q.settle(q.view.take_changes().bound_tickets, now=21)) == ["t0"]
+    assert q.tickets == {} and q.view.booked[(GPU, "a")] == 0
+
+
 def test_a_held_ticket_never_holds_a_slice():
     q = cluster(node("a", 1))
     q.join(request(0), now=0)

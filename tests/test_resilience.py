@@ -26,6 +26,7 @@ from tests.conftest import unique
 from tests.spawning import (
     position_is,
     request_server,
+    server_state,
     stop_all,
     user_token,
     wait_event,
@@ -71,7 +72,11 @@ class Storm:
         return response
 
     async def service_queue(self) -> list[dict]:
-        """The service's own view of the line (admin API)."""
+        """The service's own view of the line (admin API): who waits."""
+        return [e for e in await self.service_queue_all() if e["state"] == "waiting"]
+
+    async def service_queue_all(self) -> list[dict]:
+        """Every entry of the service's queue, whatever its state."""
         async with httpx.AsyncClient(timeout=30) as http:
             response = await http.get(
                 f"{self.hub.url}/services/gpushare/api/queue",
@@ -79,7 +84,7 @@ class Storm:
             )
         self.statuses.append(response.status_code)
         response.raise_for_status()
-        return [e for e in response.json()["entries"] if e["state"] == "waiting"]
+        return response.json()["entries"]
 
     async def ready_users(self) -> set[str]:
         response = await self.api("GET", "/users", params={"state": "ready", "limit": 500})
@@ -113,13 +118,32 @@ class Storm:
                 settled, 180, f"8 running, {len(self.users) - SLICES} in line", interval=1
             )
         except AssertionError as e:
-            raise AssertionError(f"{e}; last seen {seen}") from None
+            raise AssertionError(f"{e}; last seen {seen}; {await self.unaccounted()}") from None
         self.served.extend(sorted(ready))
         positions = [e["position"] for e in waiting]
         # unique places 1..N: nobody was turned away (no 429), nobody counted twice
         assert sorted(positions) == list(range(1, len(self.users) - SLICES + 1))
         in_line = sorted(waiting, key=lambda e: e["position"])
         assert [e["requested_at"] for e in in_line] == sorted(e["requested_at"] for e in in_line)
+
+    async def unaccounted(self) -> str:
+        """What the users who are neither running nor in line are doing."""
+        ready = await self.ready_users()
+        entries = {e["user"]: e["state"] for e in (await self.service_queue_all())}
+        lost = [u for u in self.users if u not in ready and entries.get(u) != "waiting"]
+        pods = await self.core.list_namespaced_pod(
+            self.namespace, label_selector="component=singleuser-server"
+        )
+        phases = {
+            p.metadata.annotations.get("hub.jupyter.org/username"): p.status.phase
+            for p in pods.items
+        }
+        states = [
+            f"{u}: hub {await server_state(self.hub, u)}, queue {entries.get(u)}, "
+            f"pod {phases.get(u)}"
+            for u in lost[:5]
+        ]
+        return f"not running and not in line: {len(lost)} ({'; '.join(states)})"
 
     async def cpu_user_starts_meanwhile(self) -> None:
         """With everyone in line, a CPU-only server still starts at once."""

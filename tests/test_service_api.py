@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from jupyterhub_gpushare.testing.cluster import free_port
+from jupyterhub_gpushare.testing.hub import wait_for_hub_log
 from jupyterhub_gpushare.testing.slowproxy import kubeconfig_via
 from jupyterhub_gpushare.testing.waiting import wait_for
 from tests.spawning import user_token
@@ -166,6 +167,48 @@ async def test_events_stream_is_for_the_hub_only(hub, callers):
                         break
     finally:
         await call(hub, callers["hub"], "DELETE", "api/tickets/streamed")
+
+
+async def test_a_spawn_slow_to_follow_its_ticket_gets_its_place_back(hub, callers):
+    # A hub busy with a class pressing Start at once may follow a ticket later
+    # than the service's reconnect time: the place is held, then taken back.
+    await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("slow-first"))
+    await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("prompt", "bob"))
+    events = f"{hub.url}/services/gpushare/api/tickets/{{}}/events"
+
+    async def states():
+        entries = (await call(hub, callers["admin"], "GET", "api/queue")).json()["entries"]
+        return {e["user"]: (e["state"], e.get("position")) for e in entries}
+
+    try:
+        async with httpx.AsyncClient(timeout=20) as http:
+            # bob's spawn follows its ticket at once, alice's does not yet
+            async with http.stream("GET", events.format("prompt"), headers=callers["hub"]):
+                held = await wait_for(
+                    lambda: _when(states(), lambda s: s["alice"][0] == "held"),
+                    60,
+                    "the unfollowed ticket to be held",
+                )
+                assert held["bob"] == ("waiting", 1)
+                async with http.stream(
+                    "GET", events.format("slow-first"), headers=callers["hub"]
+                ) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data:"):
+                            first = json.loads(line[5:])
+                            break
+                assert (first["state"], first["position"]) == ("waiting", 1)
+                now = await states()
+                assert (now["alice"], now["bob"]) == (("waiting", 1), ("waiting", 2))
+        wait_for_hub_log(hub, r"slow-first: its spawn is back; it waits at its place again")
+    finally:
+        for ticket_id in ("slow-first", "prompt"):
+            await call(hub, callers["hub"], "DELETE", f"api/tickets/{ticket_id}")
+
+
+async def _when(awaitable, condition):
+    value = await awaitable
+    return value if condition(value) else None
 
 
 async def test_users_never_see_other_users(hub, callers):

@@ -404,8 +404,11 @@ class Dispatcher(LoggingConfigurable):
         return TicketStatus.gone(ticket_id, reason)
 
     def follow(self, ticket_id: str) -> Follower:
-        # a spawn that follows its ticket is alive: after a restart, that confirms it
-        self.queue.confirm(ticket_id)
+        # a spawn that follows its ticket is alive: after a restart, that confirms
+        # it, and a place held for it is its own again
+        if self.queue.confirm(ticket_id):
+            self.log.info("%s: its spawn is back; it waits at its place again", ticket_id)
+            self._save_soon()
         follower = self.notifier.follow(ticket_id)
         self._soon()
         return follower
