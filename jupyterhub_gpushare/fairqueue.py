@@ -468,20 +468,31 @@ class FairQueue:
         multi_seen = dict.fromkeys(keys, False)
         unconfirmed_seen = dict.fromkeys(keys, False)
         places = {}
+        reasons = self._reasons
         for ticket in line:
             key = ticket.pool.key
             others = rivals[key]
-            # usually a pool competes with itself only
-            ahead = seen[key] if len(others) == 1 else sum(seen[q] for q in others)
-            places[ticket.id] = Place(
-                position=ahead + 1,
-                waiting=line_length[key],
-                reason=self._reasons.get(ticket.id),
-                slices_ahead=slices_seen[key],
-                rival_slices_ahead=sum(slices_seen[q] for q in rivals[key]),
-                multi_slice_ahead=any(multi_seen[q] for q in rivals[key]),
-                unconfirmed_ahead=any(unconfirmed_seen[q] for q in rivals[key]),
-            )
+            if len(others) == 1:  # usually a pool competes with itself only
+                place = Place(
+                    position=seen[key] + 1,
+                    waiting=line_length[key],
+                    reason=reasons.get(ticket.id),
+                    slices_ahead=slices_seen[key],
+                    rival_slices_ahead=slices_seen[key],
+                    multi_slice_ahead=multi_seen[key],
+                    unconfirmed_ahead=unconfirmed_seen[key],
+                )
+            else:
+                place = Place(
+                    position=sum(seen[q] for q in others) + 1,
+                    waiting=line_length[key],
+                    reason=reasons.get(ticket.id),
+                    slices_ahead=slices_seen[key],
+                    rival_slices_ahead=sum(slices_seen[q] for q in others),
+                    multi_slice_ahead=any(multi_seen[q] for q in others),
+                    unconfirmed_ahead=any(unconfirmed_seen[q] for q in others),
+                )
+            places[ticket.id] = place
             seen[key] += 1
             slices_seen[key] += ticket.slices
             multi_seen[key] = multi_seen[key] or ticket.slices > 1
