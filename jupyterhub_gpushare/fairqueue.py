@@ -473,26 +473,22 @@ class FairQueue:
             key = ticket.pool.key
             others = rivals[key]
             if len(others) == 1:  # usually a pool competes with itself only
-                place = Place(
-                    position=seen[key] + 1,
-                    waiting=line_length[key],
-                    reason=reasons.get(ticket.id),
-                    slices_ahead=slices_seen[key],
-                    rival_slices_ahead=slices_seen[key],
-                    multi_slice_ahead=multi_seen[key],
-                    unconfirmed_ahead=unconfirmed_seen[key],
-                )
+                ahead, rival_slices = seen[key], slices_seen[key]
+                multi, unconfirmed = multi_seen[key], unconfirmed_seen[key]
             else:
-                place = Place(
-                    position=sum(seen[q] for q in others) + 1,
-                    waiting=line_length[key],
-                    reason=reasons.get(ticket.id),
-                    slices_ahead=slices_seen[key],
-                    rival_slices_ahead=sum(slices_seen[q] for q in others),
-                    multi_slice_ahead=any(multi_seen[q] for q in others),
-                    unconfirmed_ahead=any(unconfirmed_seen[q] for q in others),
-                )
-            places[ticket.id] = place
+                ahead = sum(seen[q] for q in others)
+                rival_slices = sum(slices_seen[q] for q in others)
+                multi = any(multi_seen[q] for q in others)
+                unconfirmed = any(unconfirmed_seen[q] for q in others)
+            places[ticket.id] = Place(
+                position=ahead + 1,
+                waiting=line_length[key],
+                reason=reasons.get(ticket.id),
+                slices_ahead=slices_seen[key],
+                rival_slices_ahead=rival_slices,
+                multi_slice_ahead=multi,
+                unconfirmed_ahead=unconfirmed,
+            )
             seen[key] += 1
             slices_seen[key] += ticket.slices
             multi_seen[key] = multi_seen[key] or ticket.slices > 1
