@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 from kubernetes_asyncio import client
 
 from jupyterhub_gpushare.testing.cluster import LocalCluster
@@ -152,3 +153,14 @@ async def user_token(hub: LocalHub, name: str) -> str:
         response = await api.post(f"/users/{name}/tokens", json={"note": "test"})
     response.raise_for_status()
     return response.json()["token"]
+
+
+async def service_get(hub: LocalHub, path: str, token: str) -> dict:
+    """GET a page or API path of the gpushare service with a hub token; API answers
+    as JSON, pages as ``{"text": ...}``."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.get(
+            f"{hub.url}/services/gpushare/{path}", headers={"Authorization": f"token {token}"}
+        )
+    response.raise_for_status()
+    return response.json() if path.startswith("api/") else {"text": response.text}

@@ -21,6 +21,7 @@ from tests.spawning import (
     position_is,
     request_server,
     server_state,
+    service_get,
     stop_all,
     stop_server,
     user_pod,
@@ -54,17 +55,8 @@ def hub(hub_factory):
     return hub_factory(HUB_CONFIG)
 
 
-async def service_api(hub, path: str, token: str) -> dict:
-    async with httpx.AsyncClient(timeout=30) as http:
-        response = await http.get(
-            f"{hub.url}/services/gpushare/api/{path}", headers={"Authorization": f"token {token}"}
-        )
-    response.raise_for_status()
-    return response.json()
-
-
 async def queue_states(hub, admin_token: str) -> dict[str, str]:
-    entries = (await service_api(hub, "queue", admin_token))["entries"]
+    entries = (await service_get(hub, "api/queue", admin_token))["entries"]
     return {e["user"]: e["state"] for e in entries}
 
 
@@ -100,7 +92,7 @@ async def test_hub_restart_drops_no_slice_and_keeps_places(hub_factory, core, na
             60,
             "the dropped spawns' places to be held",
         )
-        capacity = await service_api(hub, "capacity", admin)
+        capacity = await service_get(hub, "api/capacity", admin)
         assert capacity["pools"][0]["slices_booked"] == 0
 
         await request_server(hub, newcomer)
@@ -211,10 +203,10 @@ async def test_a_head_that_needs_two_slices_is_told_why(hub, core, namespace, gp
             assert response.json()["state"] == "admitted"
             try:
                 event = await wait_event(hub, one, lambda e: "0 of 4 slices free" in e["message"])
-                pool = (await service_api(hub, "capacity", reader))["pools"][0]
+                pool = (await service_get(hub, "api/capacity", reader))["pools"][0]
                 assert (pool["slices_free"], pool["slices_booked"]) == (0, 1)
                 admin = await user_token(hub, "admin")
-                nodes = (await service_api(hub, "nodes", admin))["nodes"]
+                nodes = (await service_get(hub, "api/nodes", admin))["nodes"]
                 mine = next(n for n in nodes if n["name"] == node)
                 assert (mine["slices_free"], mine["slices_booked"]) == (0, 1)
                 metrics = (

@@ -33,6 +33,7 @@ from tests.spawning import (
     position_is,
     request_server,
     server_state,
+    service_get,
     stop_all,
     user_token,
     wait_event,
@@ -96,15 +97,6 @@ async def keep_active(hub: LocalHub, users: list[str], every: float = 3.0):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def service_get(hub: LocalHub, path: str, token: str) -> dict:
-    async with httpx.AsyncClient(timeout=30) as http:
-        response = await http.get(
-            f"{hub.url}/services/gpushare/{path}", headers={"Authorization": f"token {token}"}
-        )
-    response.raise_for_status()
-    return response.json() if path.startswith("api/") else {"text": response.text}
 
 
 async def holders(hub: LocalHub, admin: str) -> dict[str, dict]:

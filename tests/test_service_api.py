@@ -154,19 +154,22 @@ async def test_events_stream_is_for_the_hub_only(hub, callers):
         assert response.status_code == 403
     await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("streamed"))
     try:
-        async with httpx.AsyncClient(timeout=20) as http:
-            async with http.stream(
-                "GET",
-                f"{hub.url}/services/gpushare/api/tickets/streamed/events",
-                headers=callers["hub"],
-            ) as response:
-                assert response.status_code == 200
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        assert '"state": "waiting"' in line
-                        break
+        assert (await first_status(hub, "streamed", callers["hub"]))["state"] == "waiting"
     finally:
         await call(hub, callers["hub"], "DELETE", "api/tickets/streamed")
+
+
+async def first_status(hub, ticket_id: str, headers: dict) -> dict:
+    """The first status on a ticket's event stream, as the hub's spawner reads it."""
+    async with httpx.AsyncClient(timeout=20) as http:
+        async with http.stream(
+            "GET", f"{hub.url}/services/gpushare/api/tickets/{ticket_id}/events", headers=headers
+        ) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    return json.loads(line[5:])
+    raise AssertionError(f"the event stream of {ticket_id} ended without a status")
 
 
 async def test_a_spawn_slow_to_follow_its_ticket_gets_its_place_back(hub, callers):
@@ -174,29 +177,26 @@ async def test_a_spawn_slow_to_follow_its_ticket_gets_its_place_back(hub, caller
     # than the service's reconnect time: the place is held, then taken back.
     await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("slow-first"))
     await call(hub, callers["hub"], "POST", "api/tickets", json=ticket("prompt", "bob"))
-    events = f"{hub.url}/services/gpushare/api/tickets/{{}}/events"
 
     async def states():
         entries = (await call(hub, callers["admin"], "GET", "api/queue")).json()["entries"]
         return {e["user"]: (e["state"], e.get("position")) for e in entries}
 
+    async def alice_held():
+        now = await states()
+        return now if now["alice"][0] == "held" else None
+
     try:
         async with httpx.AsyncClient(timeout=20) as http:
             # bob's spawn follows its ticket at once, alice's does not yet
-            async with http.stream("GET", events.format("prompt"), headers=callers["hub"]):
-                held = await wait_for(
-                    lambda: _when(states(), lambda s: s["alice"][0] == "held"),
-                    60,
-                    "the unfollowed ticket to be held",
-                )
+            async with http.stream(
+                "GET",
+                f"{hub.url}/services/gpushare/api/tickets/prompt/events",
+                headers=callers["hub"],
+            ):
+                held = await wait_for(alice_held, 60, "the unfollowed ticket to be held")
                 assert held["bob"] == ("waiting", 1)
-                async with http.stream(
-                    "GET", events.format("slow-first"), headers=callers["hub"]
-                ) as response:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data:"):
-                            first = json.loads(line[5:])
-                            break
+                first = await first_status(hub, "slow-first", callers["hub"])
                 assert (first["state"], first["position"]) == ("waiting", 1)
                 now = await states()
                 assert (now["alice"], now["bob"]) == (("waiting", 1), ("waiting", 2))
@@ -204,11 +204,6 @@ async def test_a_spawn_slow_to_follow_its_ticket_gets_its_place_back(hub, caller
     finally:
         for ticket_id in ("slow-first", "prompt"):
             await call(hub, callers["hub"], "DELETE", f"api/tickets/{ticket_id}")
-
-
-async def _when(awaitable, condition):
-    value = await awaitable
-    return value if condition(value) else None
 
 
 async def test_users_never_see_other_users(hub, callers):
